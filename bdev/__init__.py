@@ -1,0 +1,1 @@
+"""bdev: the generic block-device layer (see DESIGN.md)."""

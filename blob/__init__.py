@@ -1,0 +1,1 @@
+"""blob: a blob allocator (blobstore) on any bdev. Not built yet; no issue has asked for it."""

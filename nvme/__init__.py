@@ -1,0 +1,1 @@
+"""nvme: a polled, user-space NVMe driver on the env layer (see DESIGN.md)."""
