@@ -448,9 +448,12 @@ cdef class DmaBuffer:
         self.check_live()
         return self
 
-    def __exit__(self, *exc):
-        if not self._freed:
-            self.free()
+    def __exit__(self, exc_type, exc, tb):
+        if self._freed:
+            return False
+        if exc_type is not None and (self._exports or self._pins):
+            return False     # do not hide the error in flight; the buffer is freed when collected
+        self.free()
         return False
 
     def __len__(self):
