@@ -81,3 +81,20 @@ class WrongThreadError(ThreadError):
 
 class ResourceExhausted(EnvError):
     """A fixed-size resource (pool, ring, IOVA space) has no free element left."""
+
+
+# ---- added with env.pci / env.vfio / env.uio ----------------------------------------------------
+# A "not root" failure while touching a device is both an error of that device's layer (so
+# `except VfioError` sees every vfio failure) and a PermissionRequired (so callers can catch "needs
+# root" in one place, whichever path raised it).
+
+class PciPermissionError(PciError, PermissionRequired):
+    """Writing a PCI sysfs attribute (bind, unbind, driver_override) was refused: needs root."""
+
+
+class VfioPermissionError(VfioError, PermissionRequired):
+    """Opening or using a /dev/vfio file was refused: needs root or access to that file."""
+
+
+class UioPermissionError(UioError, PermissionRequired):
+    """Opening a device's sysfs resource/config file or /proc/self/pagemap was refused."""
