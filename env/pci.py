@@ -27,6 +27,14 @@ USERSPACE_DRIVERS = frozenset({"vfio-pci", "uio_pci_generic", "igb_uio"})
 _DRIVER_MODULES = {"vfio-pci": "vfio-pci", "uio_pci_generic": "uio_pci_generic"}
 _POLL_INTERVAL = 0.005
 
+# Configuration space (include/uapi/linux/pci_regs.h)
+PCI_VENDOR_ID = 0x00
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 0x2       # respond to memory-space accesses (the BARs)
+PCI_COMMAND_MASTER = 0x4       # bus master: the device may issue DMA
+IORESOURCE_IO = 0x100          # include/linux/ioport.h: flags in sysfs `resource`
+IORESOURCE_MEM = 0x200
+
 
 # ---- addresses --------------------------------------------------------------------------------
 _BDF = re.compile(r"^(?:([0-9a-fA-F]{1,4}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
@@ -394,6 +402,52 @@ class PciDevice:
         return f"<PciDevice {self.address} {ids} driver={self.driver}>"
 
 
+class ConfigSpace:
+    """Typed, checked access to a function's PCI configuration space, shared by the vfio and
+    uio paths. A subclass provides `_config_size()`, `_config_pread(offset, size) -> bytes`,
+    `_config_pwrite(offset, data) -> int` and `_config_error(message, step)`."""
+
+    def _config_check(self, offset, size):
+        if size not in (1, 2, 4):
+            raise InvalidArgument(f"config space access size must be 1, 2 or 4, not {size!r}")
+        limit = self._config_size()
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 \
+                or offset % size or offset + size > limit:
+            raise InvalidArgument(f"{self.address}: config space offset {offset!r} is outside "
+                                  f"0..0x{limit:x} or not {size}-byte aligned")
+
+    def config_read(self, offset, size):
+        """The `size`-byte (1, 2, 4) little-endian value at `offset` of configuration space."""
+        self._config_check(offset, size)
+        data = self._config_pread(offset, size)
+        if len(data) != size:
+            raise self._config_error(f"{self.address}: short config space read at 0x{offset:x}",
+                                     "config read")
+        return int.from_bytes(data, "little")
+
+    def config_write(self, offset, size, value):
+        self._config_check(offset, size)
+        if not isinstance(value, int) or not 0 <= value < 1 << (8 * size):
+            raise InvalidArgument(f"config space value {value!r} does not fit in {size} bytes")
+        if self._config_pwrite(offset, value.to_bytes(size, "little")) != size:
+            raise self._config_error(f"{self.address}: short config space write at "
+                                     f"0x{offset:x}", "config write")
+
+    def enable_bus_master(self):
+        """Set Memory Space and Bus Master in the COMMAND register. Neither vfio-pci nor
+        uio_pci_generic turns bus mastering on, and without it the device's DMA silently never
+        happens (testbed pitfall 3). Returns the new COMMAND value."""
+        cmd = self.config_read(PCI_COMMAND, 2)
+        want = cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+        if want != cmd:
+            self.config_write(PCI_COMMAND, 2, want)
+            cmd = self.config_read(PCI_COMMAND, 2)
+            if cmd & want != want:
+                raise self._config_error(f"{self.address}: bus master enable did not stick "
+                                         f"(COMMAND 0x{cmd:04x})", "enable bus master")
+        return cmd
+
+
 def iommu_group_members(group, root="/sys"):
     """Every PciDevice in IOMMU group `group`, sorted by address."""
     sysfs = _sysfs(root)
@@ -425,6 +479,6 @@ def nvme_devices(root="/sys"):
     return enumerate_devices(root, NVME_CLASS)
 
 
-__all__ = ["NVME_CLASS", "USERSPACE_DRIVERS", "PciAddress", "PciDevice", "Sysfs",
+__all__ = ["NVME_CLASS", "USERSPACE_DRIVERS", "ConfigSpace", "PciAddress", "PciDevice", "Sysfs",
            "enumerate_devices", "iommu_group_members", "load_driver", "nvme_devices",
            "parse_trid"]
