@@ -124,7 +124,7 @@ class Sysfs:
         """The last component of the symlink `rel` points to, or None when there is no link."""
         try:
             return os.path.basename(os.readlink(self.path(rel)))
-        except (FileNotFoundError, NotADirectoryError, OSError):
+        except OSError:             # no such link (no driver, no IOMMU group)
             return None
 
     def listdir(self, rel):

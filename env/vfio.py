@@ -420,6 +420,10 @@ class VfioContainer:
         self.allocator = None
         self.noiommu = False
         self._mappings = {}              # iova -> (vaddr, size)
+        # Lock order: _attach_lock (groups, devices, life cycle), then the memmap's own lock,
+        # then _lock (the mappings; map_dma/unmap_dma run with the memmap's lock held, so
+        # nothing holding _lock may call into the memmap).
+        self._attach_lock = threading.RLock()
         self._lock = threading.RLock()
         self._mapper_set = False
         self._old_mode = None
@@ -453,7 +457,7 @@ class VfioContainer:
     def group(self, number, device, dev_dir="/dev/vfio", sysfs="/sys"):
         """The VfioGroup `number` in this container, opened and attached on first use.
         `device` names the device the caller wants, for error messages."""
-        with self._lock:
+        with self._attach_lock:
             self._require_open()
             group = self.groups.get(number)
             if group is None:
@@ -562,14 +566,14 @@ class VfioContainer:
 
     # ---- lifetime ----------------------------------------------------------------------------
     def _add_device(self, dev):
-        with self._lock:
+        with self._attach_lock:
             self.devices.append(dev)
 
     def _release(self, dev=None, group=None):
         """Forget `dev` (closed, or never opened) and close `group` once no device uses it. With
         no group left the container closes too, unmapping DMA while the group still holds the
         IOMMU, then the group leaves."""
-        with self._lock:
+        with self._attach_lock:
             if dev is not None and dev in self.devices:
                 self.devices.remove(dev)
             if self._closing:
@@ -589,7 +593,7 @@ class VfioContainer:
         """Release every DMA mapping, detach from env.memmap, close the devices, groups and the
         container. Idempotent."""
         global _container
-        with self._lock:
+        with self._attach_lock:
             if self.fd < 0 or self._closing:
                 return
             self._closing = True
@@ -597,7 +601,7 @@ class VfioContainer:
                 if self._mapper_set:
                     self._mapper_set = False
                     try:
-                        self.memmap.clear_mapper(unmap=True)
+                        self.memmap.clear_mapper(unmap=True)     # calls unmap_dma per region
                     except Exception as e:     # closing the container drops them anyway
                         log.warning("%s: unmapping DMA regions failed: %s", self.name, e)
                 if self._old_mode is not None:
@@ -610,9 +614,10 @@ class VfioContainer:
                 for g in self.groups.values():
                     g.close()
                 self.groups.clear()
-                os.close(self.fd)
-                self.fd = -1
-                self._mappings.clear()
+                with self._lock:
+                    os.close(self.fd)
+                    self.fd = -1
+                    self._mappings.clear()
                 self._closing = False
                 with _container_lock:
                     if _container is self:
@@ -670,7 +675,7 @@ class VfioGroup:
             _ioctl(self.fd, VFIO_GROUP_GET_STATUS, status, device, "VFIO_GROUP_GET_STATUS")
             flags = _GROUP_STATUS.unpack_from(status)[1]
             if not flags & VFIO_GROUP_FLAGS_VIABLE:
-                raise VfioError(not_viable_message(number, sysfs), device=device,
+                raise VfioError(f"{device}: {not_viable_message(number, sysfs)}", device=device,
                                 step="VFIO_GROUP_GET_STATUS")
             if flags & VFIO_GROUP_FLAGS_CONTAINER_SET:
                 raise VfioError(f"{device}: IOMMU group {number} already belongs to a container",

@@ -17,8 +17,8 @@ from env.memmap import vtophys_map
 from env.memory import allocate
 from env.pci import PCI_COMMAND_MASTER, PciDevice
 from tests.env.test_vfio_guest import (BDF, IN_GUEST, NAMESPACE, QEMU_CAP, QEMU_VS, MiniNvme,
-                                       cap_fields, identify_controller, registers_through_sysfs,
-                                       wait_for)
+                                       cap_fields, identify_controller, kernel_identity,
+                                       registers_through_sysfs, wait_for)
 
 pytestmark = [
     pytest.mark.guest(iommu=False),
@@ -33,7 +33,8 @@ def before():
     if pci.iommu_group is not None:
         pytest.fail(f"{BDF} has IOMMU group {pci.iommu_group}: this module needs a guest booted "
                     "without an IOMMU (iommu=False, run-guest.sh --iommu off)", pytrace=False)
-    facts = {"driver": pci.driver, "namespace": os.path.exists(NAMESPACE)}
+    facts = {"driver": pci.driver, "namespace": os.path.exists(NAMESPACE),
+             "identity": kernel_identity()}
     facts["cap"], facts["vs"] = registers_through_sysfs()
     return facts
 
@@ -76,13 +77,14 @@ def test_hugepages_translate_to_physical_addresses_and_anonymous_memory_is_refus
             anon.iova
 
 
-def test_the_controller_dmas_to_physical_addresses(device):
+def test_the_controller_dmas_to_physical_addresses(device, before):
     bar = device.map_bar(0)
     with allocate(8192, backend="hugepage-2M") as queues, allocate(4096, backend="hugepage-2M") as data:
         nvme = MiniNvme(bar, queues)
         nvme.enable()
         ctrl = identify_controller(nvme.identify(1, data))
-        assert ctrl["model"] == "QEMU NVMe Ctrl" and ctrl["serial"] == "TESTBED0"
+        assert ctrl["model"] == before["identity"]["model"] == "QEMU NVMe Ctrl"
+        assert ctrl["serial"] == before["identity"]["serial"]
         nvme.shutdown()
 
 
