@@ -1,1 +1,37 @@
-"""nvme: a polled, user-space NVMe driver on the env layer (see DESIGN.md)."""
+"""nvme: a polled, user-space NVMe driver on the env layer.
+
+    import nvme
+    ctrlr = nvme.attach("0000:00:10.0")          # or "trtype:PCIe traddr:0000:00:10.0"
+    ns = ctrlr.namespace(1)
+    qpair = ctrlr.create_io_qpair()              # owned by this thread
+    ns.read_sync(qpair, buf, lba=0, nblocks=8)   # or ns.read(..., cb) + qpair.process_completions()
+    ctrlr.detach()                               # clean shutdown; the kernel driver gets it back
+
+`attach` takes the PCI function from the kernel (vfio-pci with an IOMMU, or uio_pci_generic),
+brings the controller up and returns an `nvme.controller.Controller`. `probe()` lists the NVMe
+functions of this machine. An in-process emulated controller for tests lives in `nvme.emu`.
+"""
+
+
+def probe(root="/sys"):
+    """The NVMe PCI functions of this machine (env.pci.PciDevice), with their current drivers."""
+    from env.device import probe_pci
+    return probe_pci(root=root)
+
+
+def attach(trid, options=None, *, driver="auto", name=None):
+    """Take the NVMe controller at `trid` (a PCI address or an SPDK transport id string) from its
+    kernel driver and bring it up. `driver`: "auto", "vfio" or "uio"."""
+    from env.device import attach_pci
+    from env.pci import PciAddress, parse_trid
+    from nvme.controller import Controller
+    from nvme.transport import PcieTransport
+
+    address = parse_trid(trid) if "traddr" in str(trid) else PciAddress.parse(trid)
+    handle = attach_pci(address, driver=driver)
+    try:
+        ctrlr = Controller(PcieTransport(handle), options, name=name or str(address))
+        return ctrlr.init()
+    except BaseException:
+        handle.detach(restore_driver=True)
+        raise

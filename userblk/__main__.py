@@ -1,0 +1,5 @@
+import sys
+
+from userblk.cli import main
+
+sys.exit(main())
