@@ -98,3 +98,22 @@ class VfioPermissionError(VfioError, PermissionRequired):
 
 class UioPermissionError(UioError, PermissionRequired):
     """Opening a device's sysfs resource/config file or /proc/self/pagemap was refused."""
+
+
+# ---- added with env.thread -----------------------------------------------------------------------
+
+class ThreadExitedError(ThreadError):
+    """A Thread that has exited (or is exiting) was sent a message, polled, or given a poller or
+    an I/O channel."""
+
+
+class ThreadTimeoutError(ThreadError, TimeoutError):
+    """A blocking wait on a Thread (run_until, Reactor.call/stop) did not finish in time."""
+
+
+class MessageRingFull(ThreadError, ResourceExhausted):
+    """A Thread's fixed-size message ring is full: its receiver is not polling fast enough."""
+
+
+class InvalidCallback(InvalidArgument, TypeError):
+    """A callback (message, poller, predicate, channel function, done) is not callable."""
