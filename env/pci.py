@@ -21,7 +21,7 @@ from env.errors import InvalidArgument, PciError, PciPermissionError
 log = logging.getLogger("userblk.env.pci")
 
 NVME_CLASS = 0x010802          # mass storage / non-volatile memory / NVMe (PCI code and ID spec)
-# Drivers that hand a device to user space: a device bound to one of them may be in use by a process.
+# Drivers that hand a device to user space: a device bound to one may be in use by a process.
 USERSPACE_DRIVERS = frozenset({"vfio-pci", "uio_pci_generic", "igb_uio"})
 # The module that registers each PCI driver, where the names differ.
 _DRIVER_MODULES = {"vfio-pci": "vfio-pci", "uio_pci_generic": "uio_pci_generic"}
@@ -283,7 +283,7 @@ class PciDevice:
         return self.sysfs.path(f"{self._dir}/{name}")
 
     def block_devices(self):
-        """Names of the kernel NVMe namespaces of this function (nvme0n1 ...), when `nvme` has it."""
+        """The kernel NVMe namespaces of this function (nvme0n1 ...), while `nvme` has it."""
         out = []
         for ctrl in self.sysfs.listdir(f"{self._dir}/nvme"):
             out += [n for n in self.sysfs.listdir(f"{self._dir}/nvme/{ctrl}")
@@ -325,14 +325,16 @@ class PciDevice:
                 f"({e.strerror}); run as root", address=self.address) from None
         except OSError as e:
             raise PciError(f"{what} {self.address} failed: writing {text.strip()!r} to "
-                           f"{self.sysfs.path(rel)}: {e.strerror or e}", address=self.address) from None
+                           f"{self.sysfs.path(rel)}: {e.strerror or e}",
+                           address=self.address) from None
 
     def unbind(self, timeout=5.0):
         """Detach the device from its driver. Returns the driver it had (None if none)."""
         current = self.driver
         if current is None:
             return None
-        self._write(f"bus/pci/drivers/{current}/unbind", str(self.address), f"unbinding {current} from")
+        self._write(f"bus/pci/drivers/{current}/unbind", str(self.address),
+                    f"unbinding {current} from")
         if not _wait(lambda: self.driver is None, timeout):
             raise PciError(f"unbinding {self.address} from {current} did not take effect within "
                            f"{timeout:g} s (driver is now {self.driver})", address=self.address)
@@ -357,17 +359,26 @@ class PciDevice:
                            "process may be using it. Give it back first (`userblk setup reset`) "
                            "or pass force=True", address=self.address)
         self.unbind(timeout)
-        self._write(f"{self._dir}/driver_override", driver, "setting driver_override of")
-        self._write("bus/pci/drivers_probe", str(self.address), f"binding {driver} to")
-        if not _wait(lambda: self.driver == driver, timeout):
-            now = self.driver
-            hint = ""
-            if driver == "vfio-pci" and self.iommu_group is None:
-                hint = (": the device has no IOMMU group (enable the IOMMU, e.g. intel_iommu=on, "
-                        "or vfio no-IOMMU mode), or use uio_pci_generic")
-            raise PciError(f"binding {self.address} to {driver} did not take effect (driver is "
-                           f"now {now or 'none'}); the driver's probe failed, see dmesg{hint}",
-                           address=self.address)
+        try:
+            self._write(f"{self._dir}/driver_override", driver, "setting driver_override of")
+            self._write("bus/pci/drivers_probe", str(self.address), f"binding {driver} to")
+            if not _wait(lambda: self.driver == driver, timeout):
+                now = self.driver
+                hint = ""
+                if driver == "vfio-pci" and self.iommu_group is None:
+                    hint = (": the device has no IOMMU group (enable the IOMMU, e.g. "
+                            "intel_iommu=on, or vfio no-IOMMU mode), or use uio_pci_generic")
+                raise PciError(f"binding {self.address} to {driver} did not take effect (driver "
+                               f"is now {now or 'none'}); the driver's probe failed, see "
+                               f"dmesg{hint}", address=self.address)
+        except BaseException:
+            if current is not None:      # do not leave the device without its driver
+                try:
+                    self.restore(timeout)
+                except PciError as e:
+                    log.warning("%s: could not give the device back to %s: %s", self.address,
+                                current, e)
+            raise
         log.info("%s: bound to %s (was %s)", self.address, driver, current or "unbound")
 
     def restore(self, timeout=5.0):

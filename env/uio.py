@@ -131,7 +131,8 @@ class UioDevice(ConfigSpace):
         step = f"mmap BAR{index}"
         _start, size, flags = self.pci.resource(index)
         if size == 0:
-            raise UioError(f"{self.name}: BAR{index} is not implemented", device=self.name, step=step)
+            raise UioError(f"{self.name}: BAR{index} is not implemented", device=self.name,
+                           step=step)
         if flags & IORESOURCE_IO or not flags & IORESOURCE_MEM:
             raise UioError(f"{self.name}: BAR{index} is an I/O-port BAR (flags 0x{flags:x}) and "
                            "cannot be mmapped", device=self.name, step=step)

@@ -67,7 +67,8 @@ VFIO_API_VERSION = 0
 VFIO_TYPE1_IOMMU = 1
 VFIO_TYPE1v2_IOMMU = 3
 VFIO_NOIOMMU_IOMMU = 8
-EXTENSIONS = {"TYPE1": VFIO_TYPE1_IOMMU, "TYPE1v2": VFIO_TYPE1v2_IOMMU, "NOIOMMU": VFIO_NOIOMMU_IOMMU}
+EXTENSIONS = {"TYPE1": VFIO_TYPE1_IOMMU, "TYPE1v2": VFIO_TYPE1v2_IOMMU,
+              "NOIOMMU": VFIO_NOIOMMU_IOMMU}
 _IOMMU_NAMES = {VFIO_TYPE1_IOMMU: "VFIO_TYPE1_IOMMU", VFIO_TYPE1v2_IOMMU: "VFIO_TYPE1v2_IOMMU",
                 VFIO_NOIOMMU_IOMMU: "VFIO_NOIOMMU_IOMMU"}
 
@@ -211,7 +212,8 @@ class IommuInfo:
 
     def __repr__(self):
         ranges = ", ".join(f"0x{a:x}-0x{b:x}" for a, b in self.iova_ranges)
-        return f"IommuInfo(pgsizes=0x{self.pgsizes:x}, iova_ranges=[{ranges}], dma_avail={self.dma_avail})"
+        return (f"IommuInfo(pgsizes=0x{self.pgsizes:x}, iova_ranges=[{ranges}], "
+                f"dma_avail={self.dma_avail})")
 
 
 def parse_iommu_info(buf):
@@ -259,7 +261,8 @@ class RegionInfo:
     def __repr__(self):
         caps = []
         if self.sparse_areas:
-            caps.append("sparse=[" + ", ".join(f"0x{o:x}+0x{s:x}" for o, s in self.sparse_areas) + "]")
+            areas = ", ".join(f"0x{o:x}+0x{s:x}" for o, s in self.sparse_areas)
+            caps.append(f"sparse=[{areas}]")
         if self.msix_mappable:
             caps.append("msix_mappable")
         return (f"RegionInfo(index={self.index}, size=0x{self.size:x}, offset=0x{self.offset:x}, "
@@ -385,7 +388,8 @@ class IovaAllocator:
                 iova = -(-start // self.align) * self.align
                 if iova + size <= end:
                     return self._take(iova, size)
-        total = sum(e - s for s, e in self._valid) - sum(e - s for s, e in zip(self._starts, self._ends))
+        total = sum(e - s for s, e in self._valid) \
+            - sum(e - s for s, e in zip(self._starts, self._ends))
         raise ResourceExhausted(f"no free IOVA range of 0x{size:x} bytes ({total >> 20} MiB free "
                                 f"in total, {len(self._starts)} mappings) in "
                                 + ", ".join(f"0x{a:x}-0x{b:x}" for a, b in self.valid_ranges))
@@ -485,8 +489,7 @@ class VfioContainer:
         if group.noiommu:
             wanted = [VFIO_NOIOMMU_IOMMU] if self.extensions["NOIOMMU"] else []
         else:
-            wanted = [t for t in (VFIO_TYPE1v2_IOMMU, VFIO_TYPE1_IOMMU)
-                      if self.extensions[{VFIO_TYPE1v2_IOMMU: "TYPE1v2", VFIO_TYPE1_IOMMU: "TYPE1"}[t]]]
+            wanted = [EXTENSIONS[name] for name in ("TYPE1v2", "TYPE1") if self.extensions[name]]
         if not wanted:
             raise VfioError(f"{device}: the kernel offers no usable IOMMU type (extensions "
                             f"{self.extensions})", device=device, step="VFIO_CHECK_EXTENSION")
@@ -537,8 +540,8 @@ class VfioContainer:
                        "VFIO_IOMMU_MAP_DMA")
             except VfioError as e:
                 self.allocator.free(iova, size)
-                raise VfioError(f"{e} (vaddr 0x{vaddr:x} size 0x{size:x} iova 0x{iova:x})",
-                                device=e.device, step=e.step, errno=e.errno) from None
+                raise type(e)(f"{e} (vaddr 0x{vaddr:x} size 0x{size:x} iova 0x{iova:x})",
+                              device=e.device, step=e.step, errno=e.errno) from None
             self._mappings[iova] = (vaddr, size)
             log.debug("mapped vaddr 0x%x size 0x%x at iova 0x%x", vaddr, size, iova)
             return iova
@@ -711,7 +714,7 @@ def not_viable_message(group, sysfs="/sys"):
 # ---- device -------------------------------------------------------------------------------------
 class VfioDevice(ConfigSpace):
     """A PCI function bound to vfio-pci, opened through its group in `container` (default: the
-    process-wide one)."""
+    process-wide one). If opening fails, a container left without any group is closed."""
 
     def __init__(self, address, container=None, root="/sys", dev_dir="/dev/vfio"):
         self.pci = address if isinstance(address, PciDevice) else PciDevice(address, root)
@@ -724,29 +727,31 @@ class VfioDevice(ConfigSpace):
         number = self.pci.iommu_group
         if number is None:
             raise VfioError(f"{name} has no IOMMU group: enable the IOMMU (intel_iommu=on) or vfio "
-                            "no-IOMMU mode, or use uio_pci_generic", device=name, step="iommu group")
+                            "no-IOMMU mode, or use uio_pci_generic", device=name,
+                            step="iommu group")
         self.fd = -1
         self._bars = {}
         self._config = None
         if container is None:
             container = _named(name, get_container, os.path.join(dev_dir, "vfio"))
         self.container = container
-        self.group = self.container.group(number, name, dev_dir, self.pci.sysfs)
-        try:
-            self.fd = self.group.get_device_fd(self.address)
-            info = bytearray(_DEVICE_INFO.pack(_DEVICE_INFO.size, 0, 0, 0))
-            _ioctl(self.fd, VFIO_DEVICE_GET_INFO, info, name, "VFIO_DEVICE_GET_INFO")
-            _, self.flags, self.num_regions, self.num_irqs = _DEVICE_INFO.unpack(info)
-            if not self.flags & VFIO_DEVICE_FLAGS_PCI:
-                raise VfioError(f"{name}: vfio reports a non-PCI device (flags 0x{self.flags:x})",
-                                device=name, step="VFIO_DEVICE_GET_INFO")
-        except BaseException:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-            self.container._release(group=self.group)   # closes the group (and container) if unused
-            raise
-        self.container._add_device(self)
+        with container._attach_lock:     # no other device may close the group meanwhile
+            self.group = container.group(number, name, dev_dir, self.pci.sysfs)
+            try:
+                self.fd = self.group.get_device_fd(self.address)
+                info = bytearray(_DEVICE_INFO.pack(_DEVICE_INFO.size, 0, 0, 0))
+                _ioctl(self.fd, VFIO_DEVICE_GET_INFO, info, name, "VFIO_DEVICE_GET_INFO")
+                _, self.flags, self.num_regions, self.num_irqs = _DEVICE_INFO.unpack(info)
+                if not self.flags & VFIO_DEVICE_FLAGS_PCI:
+                    raise VfioError(f"{name}: vfio reports a non-PCI device (flags "
+                                    f"0x{self.flags:x})", device=name, step="VFIO_DEVICE_GET_INFO")
+            except BaseException:
+                if self.fd >= 0:
+                    os.close(self.fd)
+                    self.fd = -1
+                container._release(group=self.group)    # the group (and container) if unused
+                raise
+            container._add_device(self)
         log.info("%s: vfio device fd %d, %d regions, %d irqs%s", name, self.fd, self.num_regions,
                  self.num_irqs, " (no-IOMMU)" if self.noiommu else "")
 
@@ -767,13 +772,15 @@ class VfioDevice(ConfigSpace):
         """RegionInfo of region `index` (0-5 BARs, 6 ROM, 7 config space)."""
         self._require_open("VFIO_DEVICE_GET_REGION_INFO")
         if not isinstance(index, int) or not 0 <= index < self.num_regions:
-            raise InvalidArgument(f"{self.address}: no region {index!r} (0..{self.num_regions - 1})")
+            raise InvalidArgument(f"{self.address}: no region {index!r} "
+                                  f"(0..{self.num_regions - 1})")
         name = str(self.address)
         buf = bytearray(_REGION_INFO.pack(_REGION_INFO.size, 0, index, 0, 0, 0))
         _ioctl(self.fd, VFIO_DEVICE_GET_REGION_INFO, buf, name, "VFIO_DEVICE_GET_REGION_INFO")
         need = _REGION_INFO.unpack_from(buf)[0]
         if _REGION_INFO.size < need <= _MAX_INFO:
-            buf = bytearray(_REGION_INFO.pack(need, 0, index, 0, 0, 0)) + bytes(need - _REGION_INFO.size)
+            buf = bytearray(_REGION_INFO.pack(need, 0, index, 0, 0, 0)) \
+                + bytes(need - _REGION_INFO.size)
             _ioctl(self.fd, VFIO_DEVICE_GET_REGION_INFO, buf, name, "VFIO_DEVICE_GET_REGION_INFO")
         return parse_region_info(buf)
 

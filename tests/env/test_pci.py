@@ -360,6 +360,7 @@ def test_bind_that_does_not_take_effect_is_an_error_naming_the_device(sysfs):
                                        r"\(driver is now none\).*no IOMMU group") as info:
         dev.bind("vfio-pci", timeout=0.05)
     assert info.value.address == dev.address
+    assert dev.driver == "nvme" and dev.driver_override is None      # given back
 
 
 def test_bind_waits_for_an_asynchronous_probe(sysfs):
