@@ -85,6 +85,8 @@ cdef class QueuePair:
     cdef uint16_t sq_head               # as last reported by the controller (CQE.SQHD)
     cdef uint16_t last_sq_doorbell      # tail value last announced to the controller
     cdef uint16_t cq_head
+    cdef uint16_t last_cq_doorbell      # head value last announced to the controller
+    cdef uint16_t cq_batch              # announce the CQ head only every this many entries
     cdef uint16_t size                  # entries in each ring
     cdef uint8_t phase
     cdef uint8_t in_completions         # submissions ring the doorbell once, at the end

@@ -195,7 +195,7 @@ cdef class QueuePair:
 
     def __cinit__(self, Transport transport, uint16_t qid, uint32_t size, *, ntrackers=None,
                   nrequests=None, uint64_t max_transfer=512 * 1024, sgl="auto",
-                  bint check_owner=True):
+                  bint check_owner=True, cq_batch=None):
         cdef uint32_t i
         cdef nvme_tracker* tr
         if size < 2 or size > 65536:
@@ -203,9 +203,16 @@ cdef class QueuePair:
         self.transport = transport
         self.qid = qid
         self.size = <uint16_t> (size & 0xFFFF) if size < 65536 else 0
-        self.ntrackers = size - 1 if ntrackers is None else ntrackers
-        if self.ntrackers < 1 or self.ntrackers > size - 1 or self.ntrackers > 65535:
-            raise InvalidArgument(f"trackers must be between 1 and {min(size - 1, 65535)}")
+        # The CQ head doorbell may lag by `cq_batch` entries (fewer MMIO writes, each of which
+        # traps into an emulated controller); the controller then sees that many fewer free CQ
+        # slots, so that many fewer commands may be outstanding for the CQ never to fill.
+        self.cq_batch = min(32, size // 8) if cq_batch is None else cq_batch
+        if self.cq_batch > size // 2:
+            raise InvalidArgument(f"cq_batch {cq_batch} is more than half the queue")
+        most = size - 1 - self.cq_batch
+        self.ntrackers = most if ntrackers is None else ntrackers
+        if self.ntrackers < 1 or self.ntrackers > most or self.ntrackers > 65535:
+            raise InvalidArgument(f"trackers must be between 1 and {min(most, 65535)}")
         self.nrequests = max(2 * size, 512) if nrequests is None else nrequests
         if self.nrequests < self.ntrackers:
             raise InvalidArgument("need at least as many requests as trackers")
@@ -289,6 +296,7 @@ cdef class QueuePair:
                                   "outstanding")
         memset(self.cq, 0, self.size_entries() * sizeof(nvme_cqe))
         self.sq_tail = self.sq_head = self.cq_head = self.last_sq_doorbell = 0
+        self.last_cq_doorbell = 0
         self.phase = 1
         if self.shadow_sq != NULL:
             self.shadow_sq[0] = 0
@@ -342,10 +350,12 @@ cdef class QueuePair:
 
     cdef void ring_cq(self) noexcept nogil:
         cdef uint16_t new = self.cq_head
-        cdef uint16_t old
+        cdef uint16_t old = self.last_cq_doorbell
+        if self.cq_batch and <uint16_t> ((new - old + self.size_entries()) % self.size_entries()) < self.cq_batch:
+            return
+        self.last_cq_doorbell = new
         self.n_cq_doorbells += 1
         if self.shadow_cq != NULL:
-            old = <uint16_t> self.shadow_cq[0]
             self.shadow_cq[0] = new
             mb()
             if self.qid != 0 and not need_event(<uint16_t> load32(self.eventidx_cq), new, old):
