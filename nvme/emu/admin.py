@@ -5,7 +5,6 @@ completes later), and raises CommandFailed for an error status. Validation follo
 order and codes: the things a driver gets wrong (queue identifiers and sizes, feature values,
 log page offsets, NSIDs) fail with the status a real controller gives, and DNR set.
 """
-import struct
 
 from nvme import spec
 from nvme.emu.dptr import prp_segments, scatter, gather
@@ -94,7 +93,7 @@ class AdminCommands:
             raise CommandFailed(Generic.INVALID_NAMESPACE_OR_FORMAT,
                                 why=f"NSID {nsid} is outside 1..{self.nn}")
 
-    # ---- queues (Base 5.3, 5.4, 5.5, 5.6) -----------------------------------------------------------
+    # ---- queues (Base 5.3, 5.4, 5.5, 5.6) --------------------------------------------------------
     def _queue_size(self, cmd):
         size = (cmd.cdw10 >> 16) + 1           # QSIZE is 0's based
         mqes = spec.Cap.decode(self.cap).mqes
@@ -174,7 +173,7 @@ class AdminCommands:
         del self.cqs[qid]
         return 0
 
-    # ---- Abort (Base 5.1) ----------------------------------------------------------------------------
+    # ---- Abort (Base 5.1) ------------------------------------------------------------------------
     def _abort(self, sq, cmd):
         sqid, cid = cmd.cdw10 & 0xFFFF, cmd.cdw10 >> 16
         for pool in (self.held, self.delayed, self.aers):
@@ -208,19 +207,17 @@ class AdminCommands:
         self.mem.check(shadow, self.page_size)
         self.mem.check(eventidx, self.page_size, write=True)
         self.dbbuf = (shadow, eventidx)
-        # Bring both buffers in step with the queues that already exist.
+        # Bring both buffers in step with the queues that already exist (as QEMU does).
         for q in list(self.sqs.values()):
-            if q.qid == 0:
-                self.mem.write_u32(shadow + self._db_offset(0, False), q.tail)
+            self.mem.write_u32(shadow + self._db_offset(q.qid, False), q.tail)
             self.mem.write_u32(eventidx + self._db_offset(q.qid, False), q.tail)
         for q in list(self.cqs.values()):
-            if q.qid == 0:
-                self.mem.write_u32(shadow + self._db_offset(0, True), q.head)
+            self.mem.write_u32(shadow + self._db_offset(q.qid, True), q.head)
             self.mem.write_u32(eventidx + self._db_offset(q.qid, True), q.head)
         self.counters["dbbuf_config"] += 1
         return 0
 
-    # ---- Get Log Page (Base 5.16) -----------------------------------------------------------------
+    # ---- Get Log Page (Base 5.16) ----------------------------------------------------------------
     def _log_page_data(self, lid, nsid):
         if lid == LogPageId.ERROR_INFORMATION:
             return ErrorInformationLog(list(self.error_log)).pack(

@@ -21,16 +21,18 @@ It behaves like a PCIe controller as the Base Specification describes it, reache
 - Faults: `inject`, `hold`/`release`, `delay`/`tick`, `fatal`, `never_ready`,
   `post_bogus_completion`, `remove`, `raise_event`.
 
-Everything runs synchronously inside the trap, single-threaded: correct and readable rather than
-fast (tens of thousands of commands per second). `counters` counts commands per opcode, doorbell
+Everything runs synchronously inside the trap, under one lock (traps may come from several
+threads): correct and readable rather than fast (tens of thousands of commands per second). `counters` counts commands per opcode, doorbell
 writes (MMIO and shadow), completions, DMA faults and more.
 
 Drivers must read registers through `transport.read32/read64` for the ready and shutdown delays
 to advance (the registers themselves are plain memory and always hold the current state).
 """
 import collections
+import functools
 import logging
 import mmap
+import threading
 
 from env.errors import InvalidArgument
 from env.mmio import Mmio
@@ -57,6 +59,16 @@ DEFAULT_ONCS = (IdentifyController.ONCS_COMPARE | IdentifyController.ONCS_WRITE_
                 | IdentifyController.ONCS_VERIFY)
 TEMPERATURE_WARNING_K = 343  # WCTEMP and the default over-temperature threshold (70 C)
 TEMPERATURE_CRITICAL_K = 373
+
+
+def _locked(method):
+    """Entry points take the controller's lock: queue pairs on several threads may trap into
+    the emulator at once, and its state changes are not atomic."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class EmulatedTransport(Transport):
@@ -131,6 +143,7 @@ class EmulatedController(AdminCommands, NvmCommands):
             raise InvalidArgument(f"max_ioqpairs must be in 1..65535, not {max_ioqpairs}")
         if not 0 <= mdts <= 255 or not 0 <= cap_to <= 255:
             raise InvalidArgument("mdts and cap_to are 8-bit fields")
+        self._lock = threading.RLock()
         self.name = name
         self.strict = strict
         self.never_ready = never_ready
@@ -276,6 +289,7 @@ class EmulatedController(AdminCommands, NvmCommands):
         """Processing commands: enabled, not fatal, not removed."""
         return self.enabled and not self.removed and not self._csts & spec.CSTS_CFS
 
+    @_locked
     def _register_read(self, off):
         if self.removed:
             self._publish()
@@ -295,6 +309,7 @@ class EmulatedController(AdminCommands, NvmCommands):
                 else:
                     self._shutdown_reads_left -= 1
 
+    @_locked
     def _register_written(self, off):
         try:
             self.counters["register_writes"] += 1
@@ -416,6 +431,7 @@ class EmulatedController(AdminCommands, NvmCommands):
     def _db_offset(self, qid, cq):
         return (2 * qid + (1 if cq else 0)) * self.doorbell_stride
 
+    @_locked
     def _doorbell_written(self, qid, cq):
         try:
             self._doorbell(qid, bool(cq))
@@ -441,8 +457,9 @@ class EmulatedController(AdminCommands, NvmCommands):
             return
         if self.dbbuf is not None:
             if qid == 0:
-                # The admin queue: drivers (Linux, SPDK) keep ringing MMIO; keep the shadow in
-                # step so a later read of it is right (QEMU does the same).
+                # The admin queue: drivers (Linux, SPDK) keep ringing MMIO without updating its
+                # shadow; copy the value there so the shadow is right for everyone (QEMU does the
+                # same). Hosts that do use the admin shadow (libvfn) write the same value.
                 self.mem.write_u32(self.dbbuf[0] + self._db_offset(qid, is_cq), value)
             else:
                 shadow = self.mem.read_u32(self.dbbuf[0] + self._db_offset(qid, is_cq))
@@ -484,14 +501,14 @@ class EmulatedController(AdminCommands, NvmCommands):
             return
         shadow_base = self.dbbuf[0]
         for cq in list(self.cqs.values()):
-            if cq.qid == 0 or not cq.backlog:
+            if not cq.backlog:
                 continue
             head = self.mem.read_u32(shadow_base + self._db_offset(cq.qid, True))
             if head < cq.size and head != cq.head:
                 self.counters["doorbell.shadow.cq"] += 1
                 self._cq_head_moved(cq, head)
         for sq in list(self.sqs.values()):
-            if sq.qid == 0 or sq.qid not in self.sqs:
+            if sq.qid not in self.sqs:
                 continue
             tail = self.mem.read_u32(shadow_base + self._db_offset(sq.qid, False))
             if tail != sq.tail and tail < sq.size:
@@ -506,8 +523,7 @@ class EmulatedController(AdminCommands, NvmCommands):
             self._fatal_dma("EventIdx buffer")
 
     def _refresh_cq_head(self, cq):
-        """Before posting to an I/O CQ under shadow doorbells: learn the host's head from the
-        shadow doorbell."""
+        """Before posting under shadow doorbells: learn the host's head from the shadow."""
         try:
             head = self.mem.read_u32(self.dbbuf[0] + self._db_offset(cq.qid, True))
         except DmaFault:
@@ -539,7 +555,7 @@ class EmulatedController(AdminCommands, NvmCommands):
             sq.head = sq.head + 1 if sq.head + 1 < sq.size else 0
             sq.fetched += 1
             self._dispatch(sq, spec.Command.unpack(raw))
-        if self.dbbuf is not None and sq.qid and self.running:
+        if self.dbbuf is not None and self.running:
             self._write_eventidx(sq.qid, False, sq.tail)
 
     def _fatal_dma(self, what):
@@ -608,7 +624,7 @@ class EmulatedController(AdminCommands, NvmCommands):
             nsid=cmd.nsid, log_page_version=1))
 
     def _post(self, cq, cdw0, sqhd, sqid, cid, status):
-        if self.dbbuf is not None and cq.qid:
+        if self.dbbuf is not None:
             self._refresh_cq_head(cq)
         entry = (cdw0, sqhd, sqid, cid, status)
         if cq.backlog or cq.full:
@@ -616,7 +632,7 @@ class EmulatedController(AdminCommands, NvmCommands):
             cq.backlog.append(entry)
         else:
             self._write_cqe(cq, entry)
-        if self.dbbuf is not None and cq.qid and self.running:
+        if self.dbbuf is not None and self.running:
             self._cq_eventidx(cq)
 
     def _write_cqe(self, cq, entry):
@@ -635,10 +651,11 @@ class EmulatedController(AdminCommands, NvmCommands):
     def _drain_backlog(self, cq):
         while cq.backlog and not cq.full and self.running:
             self._write_cqe(cq, cq.backlog.popleft())
-        if self.dbbuf is not None and cq.qid and self.running:
+        if self.dbbuf is not None and self.running:
             self._cq_eventidx(cq)
 
     # ---- asynchronous events ---------------------------------------------------------------------
+    @_locked
     def raise_event(self, event_type, info, log_page):
         """Report an asynchronous event (Base 5.2): it completes an outstanding Asynchronous
         Event Request now, or the next one to arrive. Events of a type already reported stay
@@ -673,6 +690,7 @@ class EmulatedController(AdminCommands, NvmCommands):
     def pending_events(self):
         return list(self._events)
 
+    @_locked
     def set_temperature(self, kelvin):
         """Change the composite temperature; crossing the over-temperature threshold sets the
         SMART critical warning and, when enabled (feature 0Bh bit 1), raises an event."""
@@ -702,6 +720,7 @@ class EmulatedController(AdminCommands, NvmCommands):
         self.rules.append(rule)
         return rule
 
+    @_locked
     def inject(self, opcode=None, *, admin=False, qid=None, nsid=None, lba=None, count=1,
                status=(Sct.MEDIA, 0x81), dnr=False, more=False, crd=0):
         """The next `count` matching commands complete with `status` ((sct, sc), an
@@ -712,11 +731,13 @@ class EmulatedController(AdminCommands, NvmCommands):
             raise InvalidArgument("inject an error status, not success")
         return self._rule(INJECT, opcode, admin, qid, nsid, lba, count, status=st)
 
+    @_locked
     def hold(self, opcode=None, *, admin=False, qid=None, nsid=None, lba=None, count=None):
         """Matching commands are fetched but not completed until `release()` (or aborted, or
         the queue deleted, or the controller reset)."""
         return self._rule(HOLD, opcode, admin, qid, nsid, lba, count)
 
+    @_locked
     def delay(self, opcode=None, *, ticks=1, admin=False, qid=None, nsid=None, lba=None,
               count=None):
         """Matching commands execute and complete at the `ticks`-th `tick()` from now."""
@@ -724,10 +745,12 @@ class EmulatedController(AdminCommands, NvmCommands):
             raise InvalidArgument("ticks must be at least 1")
         return self._rule(DELAY, opcode, admin, qid, nsid, lba, count, ticks=ticks)
 
+    @_locked
     def clear_faults(self):
         """Forget every rule (held and delayed commands stay held and delayed)."""
         self.rules.clear()
 
+    @_locked
     def release(self, rule=None):
         """Execute and complete the held commands (all, or those `rule` took). Returns how many.
         Nothing is released while the controller is not running (fatal, disabled, removed)."""
@@ -740,6 +763,7 @@ class EmulatedController(AdminCommands, NvmCommands):
                 self._execute(p.sq, p.cmd)
         return len(take)
 
+    @_locked
     def tick(self, n=1):
         """Advance emulated time: delayed commands whose time has come complete; shadow
         doorbells are looked at. Returns the number of commands completed."""
@@ -760,22 +784,26 @@ class EmulatedController(AdminCommands, NvmCommands):
             self._poll_shadow_doorbells()
         return done
 
+    @_locked
     def poll(self):
         """Look at shadow doorbells now (what a real controller does continuously)."""
         self._poll_shadow_doorbells()
 
+    @_locked
     def fatal(self, reason="injected"):
         """Set CSTS.CFS: the controller stops processing commands until it is reset."""
         self.fatal_reason = reason
         self.counters["fatal"] += 1
         self._set_csts(spec.CSTS_CFS, True)
 
+    @_locked
     def remove(self):
         """Surprise removal: every register reads all ones from now on, nothing completes."""
         self.removed = True
         self.enabled = False
         self._publish()
 
+    @_locked
     def post_bogus_completion(self, qid, cid, *, wrong_phase=False, status=0, cdw0=0,
                               sqid=None):
         """Post a completion nobody asked for on CQ `qid`: an unknown `cid`, or (wrong_phase)

@@ -34,7 +34,7 @@ class NvmCommands:
                 h[opc] = fn
         return {int(k): v for k, v in h.items()}
 
-    # ---- helpers -----------------------------------------------------------------------------------
+    # ---- helpers ---------------------------------------------------------------------------------
     def _ns(self, cmd):
         ns = self.namespaces.get(cmd.nsid)
         if ns is None:

@@ -103,6 +103,7 @@ class MiniDriver:
         self.shadow = None          # shadow doorbell and EventIdx DMA buffers
         self.eventidx = None
         self.use_shadow = False
+        self.shadow_admin = False   # also use the admin queue's shadow doorbells (as libvfn)
         self.mmio_rings = 0
 
     # ---- memory -------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class MiniDriver:
         return (2 * qid + (1 if cq else 0)) * self.cap.doorbell_stride
 
     def ring(self, qid, cq, value, old):
-        if self.use_shadow and qid != 0:
+        if self.use_shadow and (qid != 0 or self.shadow_admin):
             off = self.db_offset(qid, cq)
             struct.pack_into("<I", memoryview(self.shadow), off, value)
             event = struct.unpack_from("<I", memoryview(self.eventidx), off)[0]

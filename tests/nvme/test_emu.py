@@ -7,8 +7,8 @@ import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st_
 
-from env import memory
 from env.errors import InvalidArgument
 from nvme import spec
 from nvme.emu import EmulatedController, EmuNamespace
@@ -54,7 +54,7 @@ def fill(buf, pattern, length=None):
     return data
 
 
-# ---- registers and bring-up -------------------------------------------------------------------------
+# ---- registers and bring-up ----------------------------------------------------------------------
 def test_registers_after_reset():
     emu, drv = make(enable=False, mqes=2047, cap_to=15, dstrd=1, mpsmax=65536, nssr=True)
     cap = spec.Cap.decode(emu.transport.read64(spec.REG_CAP))
@@ -174,7 +174,7 @@ def test_constructor_refuses_nonsense():
         EmuNamespace(0)
 
 
-# ---- Identify -----------------------------------------------------------------------------------------
+# ---- Identify ------------------------------------------------------------------------------------
 def test_identify_controller_reflects_options():
     emu, drv = make(mdts=6, sgl=True, dbbuf=True, vwc=False, serial="S123", model="M",
                     firmware="FW9", aerl=7)
@@ -238,7 +238,7 @@ def test_identify_unknown_cns():
     assert is_(cpl, Generic.INVALID_FIELD) and st(cpl).dnr
 
 
-# ---- features -------------------------------------------------------------------------------------------
+# ---- features ------------------------------------------------------------------------------------
 def test_number_of_queues():
     emu, drv = make(max_ioqpairs=8)
     cpl = drv.set_features(FeatureId.NUMBER_OF_QUEUES, 3 << 16 | 1)     # 4 CQs, 2 SQs
@@ -257,7 +257,8 @@ def test_number_of_queues():
 
 def test_simple_features():
     emu, drv = make()
-    for fid, value in ((FeatureId.ARBITRATION, 0x03020103), (FeatureId.INTERRUPT_COALESCING, 0x0A04),
+    for fid, value in ((FeatureId.ARBITRATION, 0x03020103),
+                       (FeatureId.INTERRUPT_COALESCING, 0x0A04),
                        (FeatureId.ASYNC_EVENT_CONFIGURATION, 0x1FF),
                        (FeatureId.KEEP_ALIVE_TIMER, 120000),
                        (FeatureId.WRITE_ATOMICITY_NORMAL, 1),
@@ -321,7 +322,7 @@ def test_host_identifier_moves_data():
     assert bytes(memoryview(out)[:16]) == bytes(range(16))
 
 
-# ---- log pages --------------------------------------------------------------------------------------------
+# ---- log pages -----------------------------------------------------------------------------------
 def test_error_log_records_failed_commands(setup):
     emu, drv, qp = setup
     assert is_(qp.run(drv.io_cmd(READ, 1, 40000, 1, drv.dma(512))), Generic.LBA_OUT_OF_RANGE)
@@ -372,7 +373,7 @@ def test_log_page_larger_than_mdts_is_refused():
     assert is_(drv.get_log_page(LogPageId.ERROR_INFORMATION, 16384)[0], Generic.INVALID_FIELD)
 
 
-# ---- queue creation and deletion ----------------------------------------------------------------------
+# ---- queue creation and deletion -----------------------------------------------------------------
 def test_create_queue_validation():
     emu, drv = make(mqes=63, max_ioqpairs=4)
     base = drv.dma(65536).iova
@@ -427,7 +428,7 @@ def test_several_sqs_on_one_cq():
                CommandSpecific.INVALID_QUEUE_DELETION)
 
 
-# ---- I/O with PRPs ---------------------------------------------------------------------------------------
+# ---- I/O with PRPs -------------------------------------------------------------------------------
 def test_write_read_compare_one_block(setup):
     emu, drv, qp = setup
     buf = drv.dma(4096)
@@ -583,7 +584,7 @@ def test_4k_and_sparse_namespaces():
     assert st(qp.run(wz)).ok and big.allocated_blocks == 0
 
 
-# ---- SGLs -------------------------------------------------------------------------------------------------
+# ---- SGLs ----------------------------------------------------------------------------------------
 def test_sgl_data_block(setup):
     emu, drv, qp = setup
     buf = drv.dma(8192)
@@ -665,7 +666,7 @@ def test_sgl_options():
     assert st(qp.run(drv.io_cmd(READ, 1, 0, 1, sgl=data_block(buf, 4, 4096)))).ok
 
 
-# ---- DMA faults: the IOMMU ------------------------------------------------------------------------
+# ---- DMA faults: the IOMMU -----------------------------------------------------------------------
 def test_dma_to_unregistered_memory_is_a_data_transfer_error(setup):
     emu, drv, qp = setup
     ns = emu.namespace(1)
@@ -715,7 +716,7 @@ def test_unreachable_submission_queue_makes_the_controller_fatal():
     assert drv.csts().cfs and "SQ 1" in emu.fatal_reason
 
 
-# ---- queue mechanics ----------------------------------------------------------------------------------
+# ---- queue mechanics -----------------------------------------------------------------------------
 def test_wrap_around_and_phase_flips():
     emu, drv = make()
     qp = drv.create_io_qpair(1, depth=4, cq_depth=3)
@@ -766,7 +767,7 @@ def test_full_completion_queue_holds_completions_back():
 
 def test_invalid_doorbell_writes_are_ignored_and_reported():
     emu, drv = make()
-    qp = drv.create_io_qpair(1, depth=8)
+    drv.create_io_qpair(1, depth=8)
     aer = drv.admin_q.submit(Command(opc=spec.ADM_ASYNC_EVENT_REQUEST))
     drv.t.regs.w32(spec.REG_DOORBELL_BASE + drv.db_offset(1, False), 8)      # >= size
     drv.t.doorbell_written(1, False)
@@ -783,7 +784,7 @@ def test_invalid_doorbell_writes_are_ignored_and_reported():
     assert emu.counters["doorbell.invalid"] == 2
 
 
-# ---- shadow doorbells ------------------------------------------------------------------------------
+# ---- shadow doorbells ----------------------------------------------------------------------------
 def test_doorbell_buffer_config_validation():
     emu, drv = make()
     buf = drv.dma(8192)
@@ -819,6 +820,18 @@ def test_shadow_doorbells_save_mmio_writes():
     assert eventidx_sq == qp.sq_tail
 
 
+def test_admin_queue_with_or_without_its_shadow_doorbells():
+    emu, drv = make()
+    drv.enable_shadow_doorbells()
+    qp = drv.create_io_qpair(1)                   # admin doorbells by MMIO only (Linux, SPDK)
+    assert struct.unpack_from("<I", memoryview(drv.shadow), 0)[0] == drv.admin_q.sq_tail
+    drv.shadow_admin = True                        # now through the shadow too (libvfn)
+    for _ in range(40):                            # wraps the 16-entry admin queue
+        assert st(drv.identify(spec.Cns.CONTROLLER)[0]).ok
+    assert emu.counters["doorbell.shadow_mismatch"] == 0
+    del qp
+
+
 def test_shadow_only_update_is_seen_on_the_next_tick():
     emu, drv = make()
     drv.enable_shadow_doorbells()
@@ -847,7 +860,7 @@ def test_cq_full_with_shadow_doorbells_asks_for_the_head():
     assert seen == cids
 
 
-# ---- fault injection -------------------------------------------------------------------------------
+# ---- fault injection -----------------------------------------------------------------------------
 def test_inject(setup):
     emu, drv, qp = setup
     buf = drv.dma(4096)
@@ -1050,6 +1063,34 @@ def test_counters_and_log(setup):
     assert emu.command_log[-1][:1] == (1,) and emu.command_log[-1][2] == READ
 
 
+def test_queue_pairs_on_several_threads():
+    import threading
+    emu, drv = make([EmuNamespace(8192, 512)])
+    qps = [drv.create_io_qpair(q, 8) for q in (1, 2, 3, 4)]
+    bufs = [drv.dma(4096) for _ in qps]
+    errors = []
+
+    def worker(i):
+        try:
+            qp, buf = qps[i], bufs[i]
+            for n in range(150):
+                lba = i * 1000 + n
+                memoryview(buf)[:512] = bytes([i + 1, n & 0xFF]) * 256
+                assert st(qp.run(drv.io_cmd(WRITE, 1, lba, 1, buf))).ok
+                assert st(qp.run(drv.io_cmd(READ, 1, lba, 1, buf))).ok
+                assert bytes(memoryview(buf)[:2]) == bytes([i + 1, n & 0xFF])
+        except BaseException as e:          # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and emu.running
+    assert emu.counters["completions.io"] == 4 * 300
+
+
 def test_throughput_is_tens_of_thousands_of_commands_per_second(setup):
     emu, drv, qp = setup
     buf = drv.dma(4096)
@@ -1067,3 +1108,63 @@ def test_throughput_is_tens_of_thousands_of_commands_per_second(setup):
     print(f"\nemulated controller: {rate:,.0f} 4 KiB reads/s (batches of 15, test driver "
           "included)")
     assert rate > 10000
+
+
+# ---- property: any valid data pointer moves exactly the right bytes ----------------------------------
+_PROPERTY = {}
+
+
+def _property_setup():
+    if not _PROPERTY:
+        emu, drv = make([EmuNamespace(4096, 512)], mdts=5)
+        _PROPERTY.update(emu=emu, drv=drv, qp=drv.create_io_qpair(1, 64),
+                         src=drv.dma(160 * 1024), dst=drv.dma(160 * 1024))
+    return _PROPERTY
+
+
+@st_.composite
+def transfers(draw):
+    nlb = draw(st_.integers(1, 256))                  # up to 128 KiB = MDTS
+    length = nlb * 512
+    offset = draw(st_.integers(0, 4095)) & ~3         # PRP1: dword aligned anywhere in a page
+    lba = draw(st_.integers(0, 4096 - nlb))
+    cuts = sorted(set(draw(st_.lists(st_.integers(1, length - 1), max_size=6)))) if length > 1 \
+        else []
+    return lba, nlb, offset, cuts, draw(st_.booleans()), draw(st_.binary(min_size=1,
+                                                                          max_size=64))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(transfers())
+def test_any_data_pointer_moves_the_right_bytes(transfer):
+    lba, nlb, offset, cuts, write_with_sgl, pattern = transfer
+    p = _property_setup()
+    emu, drv, qp, src, dst = p["emu"], p["drv"], p["qp"], p["src"], p["dst"]
+    length = nlb * 512
+    data = (pattern * (length // len(pattern) + 1))[:length]
+    memoryview(src)[offset:offset + length] = data
+
+    def sgl_for(buf):
+        bounds = [0] + cuts + [length]
+        descs = [data_block(buf, offset + a, b - a) for a, b in zip(bounds, bounds[1:])]
+        if len(descs) == 1:
+            return descs[0]
+        return SglDescriptor(*drv.sgl_segment(descs), SglType.LAST_SEGMENT)
+
+    if write_with_sgl:
+        cmd = drv.io_cmd(WRITE, 1, lba, nlb, sgl=sgl_for(src))
+    else:
+        cmd = drv.io_cmd(WRITE, 1, lba, nlb, src, offset=offset)
+    assert st(qp.run(cmd)).ok
+    assert emu.namespace(1).read_blocks(lba, nlb) == data
+    memoryview(dst)[:] = bytes(len(dst))
+    if write_with_sgl:                                # read back with the other kind
+        cmd = drv.io_cmd(READ, 1, lba, nlb, dst, offset=offset)
+    else:
+        cmd = drv.io_cmd(READ, 1, lba, nlb, sgl=sgl_for(dst))
+    assert st(qp.run(cmd)).ok
+    view = bytes(memoryview(dst))
+    assert view[offset:offset + length] == data
+    assert view[:offset] == bytes(offset) and view[offset + length:] == bytes(len(dst) - offset
+                                                                              - length)
+    drv.buffers[6:] = []                              # drop PRP list / segment pages

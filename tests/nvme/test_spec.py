@@ -95,7 +95,7 @@ def test_doorbell_offsets():
     assert spec.doorbell_offset(1, False, dstrd=2) == 0x1000 + 2 * 16
 
 
-# ---- names -----------------------------------------------------------------------------------------
+# ---- names ---------------------------------------------------------------------------------------
 def test_opcode_names():
     assert spec.opcode_name(0x06, admin=True) == "Identify"
     assert spec.opcode_name(0x7C, admin=True) == "Doorbell Buffer Config"
@@ -162,7 +162,7 @@ def test_async_event_cdw0():
     assert spec.AsyncEvent.decode(cdw0) == spec.AsyncEvent(1, 1, 2)
 
 
-# ---- status ----------------------------------------------------------------------------------------
+# ---- status --------------------------------------------------------------------------------------
 def test_status_names():
     assert status_name(0, 0x08) == "Command Aborted due to SQ Deletion"
     assert status_name(1, 0x01) == "Invalid Queue Identifier"
@@ -236,7 +236,7 @@ def test_nvme_status_of_and_validation():
         NvmeStatus.of("nope")
 
 
-# ---- errors -----------------------------------------------------------------------------------------
+# ---- errors --------------------------------------------------------------------------------------
 def test_command_error_message_names_everything():
     e = errors.CommandError((0, 0x80), 0x02, qid=1, cid=17, nsid=1, lba=0x1000, nlb=8,
                             controller="nvme0")
