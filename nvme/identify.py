@@ -7,9 +7,9 @@ value conventions, so a guest test can compare with `nvme id-ctrl -o json` field
 `format_text()` (`nvme id-ctrl`-like `key : value` lines for `userblk identify`).
 
 Field names are nvme-cli's, which are the spec's acronyms in lower case. The layouts are those of
-NVMe Base 2.0 (Identify Controller, figure 275; Namespace Identification Descriptor, figure 279)
-and NVM Command Set 1.0 (Identify Namespace, figure 97). Reserved areas are not kept;
-`parse(pack(x)) == x` holds for every instance.
+NVMe Base 2.0 (5.17.2: "Identify Controller Data Structure", "Namespace Identification
+Descriptor") and NVM Command Set 1.0 ("Identify Namespace Data Structure", CNS 00h). Reserved
+areas are not kept; `parse(pack(x)) == x` holds for every instance.
 
 Conventions that follow nvme-cli 2.4 (the version in the testbed guest):
 - `sn`, `mn`, `fr` are ASCII, space padded in the data (Base 1.5 "ASCII string"): the
@@ -191,7 +191,7 @@ class IdentifyController(Structure):
     psds: list = attrs.field(factory=lambda: [PowerState()])
     vs: bytes = attrs.field(default=bytes(1024), repr=False)
 
-    # OACS bits (Base figure 275)
+    # OACS bits (Identify Controller, "Optional Admin Command Support")
     OACS_SECURITY = 1 << 0
     OACS_FORMAT = 1 << 1
     OACS_FIRMWARE = 1 << 2
@@ -202,7 +202,7 @@ class IdentifyController(Structure):
     OACS_VIRTUALIZATION = 1 << 7
     OACS_DOORBELL_BUFFER_CONFIG = 1 << 8
     OACS_GET_LBA_STATUS = 1 << 9
-    # ONCS bits (Base figure 275: Optional NVM Command Support)
+    # ONCS bits (Identify Controller, "Optional NVM Command Support")
     ONCS_COMPARE = 1 << 0
     ONCS_WRITE_UNCORRECTABLE = 1 << 1
     ONCS_DSM = 1 << 2
@@ -378,8 +378,8 @@ class IdentifyController(Structure):
 # ---- Identify Namespace (CNS 00h) --------------------------------------------------------------
 @attrs.define
 class LbaFormat:
-    """LBA Format Data Structure (NVM figure 98): metadata size in bytes, LBA data size as a
-    power of two (LBADS, nvme-cli's "ds"), relative performance (0 best .. 3 degraded)."""
+    """LBA Format Data Structure (NVM 1.0): metadata size in bytes, LBA data size as a power of
+    two (LBADS, nvme-cli's "ds"), relative performance (0 best .. 3 degraded)."""
     ms: int = 0
     ds: int = 9
     rp: int = 0
@@ -506,7 +506,7 @@ class IdentifyNamespace(Structure):
     @property
     def lba_format_index(self):
         """FLBAS bits 3:0, plus bits 6:5 as the high bits when there are more than 16 formats
-        (NVM figure 97, "FLBAS")."""
+        (NVM 1.0, Identify Namespace, "FLBAS")."""
         index = self.flbas & 0xF
         if self.nlbaf >= 16:
             index |= (self.flbas >> 5 & 3) << 4

@@ -4,11 +4,13 @@ Every error message that reaches a user names a status the way the specification
 ("Invalid Queue Identifier", not "0x1/0x01"), and code that decides whether to retry asks
 `NvmeStatus.retryable` instead of comparing numbers in many places.
 
-The status field of a completion queue entry (Base 4.6, figure "Completion Queue Entry: Status
-Field") holds, above the phase tag in bit 0: SC in bits 8:1, SCT in 11:9, CRD in 13:12, More in
-14 and DNR in 15. Code tables: Base 4.2.3.1 (Generic, SCT 0), 4.2.3.2 (Command Specific, SCT 1),
-4.2.3.3 (Media and Data Integrity, SCT 2), 4.2.3.4 (Path Related, SCT 3); the values from 80h up
-in SCT 0 and 1 come from the NVM Command Set specification 1.0 (section 4.1.1).
+The status field of a completion queue entry (Base 2.0, "Completion Queue Entry", figure
+"Completion Queue Entry: Status Field") holds, above the phase tag in bit 0: SC in bits 8:1, SCT
+in 11:9, CRD in 13:12, More in 14 and DNR in 15. The codes are those of the Base specification's
+figures "Generic Command Status Values" (SCT 0), "Command Specific Status Values" (SCT 1), "Media
+and Data Integrity Error Values" (SCT 2) and "Path Related Status Values" (SCT 3); the values
+from 80h up in SCT 0 and 1 come from the NVM Command Set specification 1.0 (its "Status Codes"
+section: generic 80h-84h, command specific 80h-83h).
 
 Naming: `status_name(sct, sc)` gives the spec's words ("Invalid Queue Identifier"),
 `status_symbol(sct, sc)` an identifier-like form ("COMMAND_SPECIFIC/INVALID_QUEUE_IDENTIFIER").

@@ -93,7 +93,7 @@ class AdminCommands:
             raise CommandFailed(Generic.INVALID_NAMESPACE_OR_FORMAT,
                                 why=f"NSID {nsid} is outside 1..{self.nn}")
 
-    # ---- queues (Base 5.3, 5.4, 5.5, 5.6) --------------------------------------------------------
+    # ---- queues (Base 5.4-5.7: Create/Delete I/O Completion/Submission Queue) --------------------
     def _queue_size(self, cmd):
         size = (cmd.cdw10 >> 16) + 1           # QSIZE is 0's based
         mqes = spec.Cap.decode(self.cap).mqes
@@ -149,7 +149,7 @@ class AdminCommands:
         if qid == 0 or victim is None:
             raise CommandFailed(CommandSpecific.INVALID_QUEUE_IDENTIFIER, why=f"SQ {qid}")
         # Commands still in the controller complete with Command Aborted due to SQ Deletion
-        # before the deletion completes (Base 5.6).
+        # before the deletion completes (Base 5.7).
         for pending in [p for p in self.held + self.delayed if p.sq is victim]:
             if pending in self.held:
                 self.held.remove(pending)
@@ -197,7 +197,7 @@ class AdminCommands:
         self.counters["keep_alive"] += 1
         return 0
 
-    # ---- Doorbell Buffer Config (Base 5.8) ------------------------------------------------------
+    # ---- Doorbell Buffer Config (Base 5.11) -----------------------------------------------------
     def _doorbell_buffer_config(self, sq, cmd):
         shadow, eventidx = cmd.prp1, cmd.prp2
         mask = self.page_size - 1

@@ -22,8 +22,9 @@ It behaves like a PCIe controller as the Base Specification describes it, reache
   `post_bogus_completion`, `remove`, `raise_event`.
 
 Everything runs synchronously inside the trap, under one lock (traps may come from several
-threads): correct and readable rather than fast (tens of thousands of commands per second). `counters` counts commands per opcode, doorbell
-writes (MMIO and shadow), completions, DMA faults and more.
+threads): correct and readable rather than fast (tens of thousands of commands per second).
+`counters` counts commands per opcode, doorbell writes (MMIO and shadow), completions, DMA
+faults and more.
 
 Drivers must read registers through `transport.read32/read64` for the ready and shutdown delays
 to advance (the registers themselves are plain memory and always hold the current state).
@@ -537,7 +538,7 @@ class EmulatedController(AdminCommands, NvmCommands):
         """The CQ head EventIdx: while completions wait for room, ask for an MMIO write as soon
         as the host frees an entry (EventIdx = head); otherwise put it at the tail, which the
         host's head cannot pass, so head updates need no MMIO write: the controller reads the
-        shadow head whenever it posts. (QEMU always asks; both are allowed by Base 5.8.)"""
+        shadow head whenever it posts. (QEMU always asks; both are allowed by Base 5.11.)"""
         self._write_eventidx(cq.qid, True, cq.head if cq.backlog else cq.tail)
 
     # ---- the command loop --------------------------------------------------------------------

@@ -14,7 +14,7 @@ class SubmissionQueue:
 
     def __init__(self, qid, base, size, cqid, prio=0):
         self.qid = qid
-        self.base = base          # IOVA of entry 0 (physically contiguous, Base 5.5)
+        self.base = base          # IOVA of entry 0 (physically contiguous: Create I/O SQ, Base 5.5)
         self.size = size          # entries
         self.cqid = cqid
         self.head = 0

@@ -16,7 +16,8 @@ PAGE = 4096
 
 
 def need_event(event_idx, new, old):
-    """The virtio-style test of shadow doorbells (Base 5.8; Linux nvme_dbbuf_need_event)."""
+    """The virtio-style test of shadow doorbells (Base 5.11 Doorbell Buffer Config; Linux
+    nvme_dbbuf_need_event)."""
     return (new - event_idx - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 

@@ -1110,7 +1110,7 @@ def test_throughput_is_tens_of_thousands_of_commands_per_second(setup):
     assert rate > 10000
 
 
-# ---- property: any valid data pointer moves exactly the right bytes ----------------------------------
+# ---- property: any valid data pointer moves exactly the right bytes ------------------------------
 _PROPERTY = {}
 
 
