@@ -222,12 +222,19 @@ cdef class MemMap:
                 return
             if self._mapper is not None:
                 raise InvalidArgument("cannot change the IOVA mode while a DMA mapper is attached")
-            self.mode = mode
-            self._retranslate()
+            old, self.mode = self.mode, mode
+            try:
+                self._retranslate()
+            except BaseException:
+                self.mode = old
+                raise
 
     def _retranslate(self):
-        for reg in self._regions.values():
-            reg.iovas = self._iovas_for(reg.vaddr, reg.size, reg.hugepage)
+        # all new translations first, so that a failure (pagemap without root...) changes nothing
+        new = [(reg, self._iovas_for(reg.vaddr, reg.size, reg.hugepage))
+               for reg in self._regions.values()]
+        for reg, iovas in new:
+            reg.iovas = iovas
             self._install(reg)
 
     @property

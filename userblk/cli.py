@@ -1,7 +1,8 @@
 """The `userblk` command: one entry point, a subcommand per job.
 
     userblk env                 what this machine offers (hugepages, IOMMU, vfio/uio, NVMe devices)
-    userblk identify TRID       Identify Controller/Namespace of an NVMe controller (needs root)
+    userblk identify [TRID]     Identify Controller/Namespace of an NVMe controller, like
+                                `nvme id-ctrl` + `nvme id-ns` (needs root; `emu` for the emulator)
 """
 import argparse
 import json
@@ -18,6 +19,42 @@ def cmd_env(args):
     return 0
 
 
+def _open_controller(trid):
+    """An attached controller for `trid` ("emu": the in-process emulated controller; None: the
+    first NVMe PCI function of this machine)."""
+    import nvme
+    from nvme.controller import Controller
+    if trid == "emu":
+        from nvme.emu import EmulatedController
+        return Controller(EmulatedController().transport, name="emu").init()
+    if trid is None:
+        devices = nvme.probe()
+        if not devices:
+            from env.errors import PciError
+            raise PciError("no NVMe PCI function on this machine (see `userblk env`)")
+        trid = str(devices[0].address)
+    return nvme.attach(trid)
+
+
+def cmd_identify(args):
+    ctrlr = _open_controller(args.trid)
+    try:
+        nsids = [args.nsid] if args.nsid else sorted(ctrlr.namespaces)
+        if args.json:
+            out = {"controller": ctrlr.data.to_dict(),
+                   "namespaces": {str(n): ctrlr.namespace(n).data.to_dict() for n in nsids}}
+            print(json.dumps(out, indent=2, default=str))
+            return 0
+        print(f"NVME Identify Controller ({ctrlr.name}):")
+        print(ctrlr.data.format_text())
+        for n in nsids:
+            print(f"NVME Identify Namespace {n}:")
+            print(ctrlr.namespace(n).data.format_text())
+    finally:
+        ctrlr.detach(restore_driver=not args.keep)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="userblk", description="user-space, polled-mode block "
                                 "devices for Python")
@@ -28,6 +65,17 @@ def build_parser():
     e = sub.add_parser("env", help="show what this machine offers (hugepages, IOMMU, vfio, NVMe)")
     e.add_argument("--json", action="store_true", help="print JSON instead of text")
     e.set_defaults(func=cmd_env)
+
+    i = sub.add_parser("identify", help="Identify Controller and Namespace data of an NVMe "
+                       "controller (takes it from the kernel driver for the time of the command)")
+    i.add_argument("trid", nargs="?", help="PCI address (0000:00:04.0), SPDK transport id "
+                   "('trtype:PCIe traddr:0000:00:04.0') or 'emu' (in-process emulated "
+                   "controller); default: the first NVMe function")
+    i.add_argument("-n", "--nsid", type=int, help="only this namespace")
+    i.add_argument("--json", action="store_true", help="nvme-cli JSON key names")
+    i.add_argument("--keep", action="store_true", help="leave the device on vfio-pci/uio "
+                   "afterwards instead of giving it back to the kernel driver")
+    i.set_defaults(func=cmd_identify)
     return p
 
 
