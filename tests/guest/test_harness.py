@@ -1,0 +1,209 @@
+"""Self-tests of the guest harness: they boot real guests from the host.
+
+Boots are the expensive part (3-5 s each under TCG), so each configuration boots once, in a
+module-scoped fixture that gathers facts, and several small tests check them. They skip with the
+reason when QEMU or the image is unavailable, and fail instead under ``--guest=require``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.guest.runner import EXIT_NO_STATUS, EXIT_TIMEOUT, GuestConfig, GuestResult, \
+    run_guest
+
+pytestmark = pytest.mark.qemu
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Prints what the guest sees as JSON on stdout, a marker on stderr, and exits 7.
+PROBE = r"""
+import glob, json, os, sys, time
+def read(p):
+    try:
+        return open(p).read().strip()
+    except OSError as e:
+        return f"<{e.strerror}>"
+facts = {
+    "uid": os.geteuid(),
+    "env": os.environ.get("HARNESS_PROBE"),
+    "cwd": os.getcwd(),
+    "namespaces": sorted(os.path.basename(p) for p in glob.glob("/sys/block/nvme*n*")),
+    "devnodes": sorted(p for p in glob.glob("/dev/nvme*n*")),
+    "serials": {a: read(glob.glob(f"/sys/bus/pci/devices/{a}/nvme/nvme*/serial")[0])
+                for a in ("0000:00:10.0", "0000:00:11.0")
+                if glob.glob(f"/sys/bus/pci/devices/{a}/nvme/nvme*/serial")},
+    "lbs": read("/sys/block/nvme0n1/queue/logical_block_size"),
+    "max_hw_kb": read("/sys/block/nvme0n1/queue/max_hw_sectors_kb"),
+    "hugepages": read("/proc/sys/vm/nr_hugepages"),
+    "iommus": os.listdir("/sys/class/iommu") if os.path.isdir("/sys/class/iommu") else [],
+    "shared_file": read(os.path.join(sys.argv[1], "from-host.txt")),
+}
+if len(sys.argv) > 2:  # time one direct 4 KiB read (null backend latency)
+    fd = os.open("/dev/nvme0n1", os.O_RDONLY | os.O_DIRECT)
+    import mmap
+    buf = mmap.mmap(-1, 4096)
+    t = time.monotonic()
+    os.preadv(fd, [buf], 0)
+    facts["read_seconds"] = time.monotonic() - t
+    facts["read_zeroes"] = buf[:] == bytes(4096)
+with open(os.path.join(sys.argv[1], "from-guest.txt"), "w") as f:
+    f.write("written in the guest\n")
+print(json.dumps(facts))
+print("probe-stderr-marker", file=sys.stderr)
+sys.exit(7)
+"""
+
+
+def _probe(image, tmp: Path, config: GuestConfig, *extra: str) -> tuple[GuestResult, dict]:
+    (tmp / "probe.py").write_text(PROBE)
+    (tmp / "from-host.txt").write_text("written on the host\n")
+    config = config.replace(shares=[str(tmp)], env={"HARNESS_PROBE": "yes"},
+                            console_log=str(tmp / "console.log"), timeout=300)
+    result = run_guest(config, ["python3", str(tmp / "probe.py"), str(tmp), *extra], image=image)
+    assert result.status_reported, result.problem()
+    return result, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def topology(guest_image, tmp_path_factory):
+    """2 controllers x 2 namespaces, 4 KiB logical blocks, mdts=2, a share, env, exit 7."""
+    tmp = tmp_path_factory.mktemp("topology")
+    config = GuestConfig(nvme_ctrls=2, nvme_ns=2, nvme_size="64M", nvme_opts="mdts=2",
+                         ns_opts="logical_block_size=4096,physical_block_size=4096")
+    result, facts = _probe(guest_image, tmp, config)
+    return result, facts, tmp
+
+
+def test_exit_status_and_separate_output_channels(topology):
+    result, facts, _ = topology
+    assert result.returncode == 7
+    assert result.stdout.decode().count("\n") == 1  # only the JSON line: nothing else mixed in
+    assert result.stderr == b"probe-stderr-marker\n"
+    assert "[userblk-init] running the command" in result.console
+    assert result.boot_seconds is not None and result.command_seconds is not None
+
+
+def test_runs_as_root_with_env_and_workdir(topology):
+    _, facts, tmp = topology
+    assert facts["uid"] == 0
+    assert facts["env"] == "yes"
+    assert facts["cwd"] == str(tmp)  # the first share is the working directory
+
+
+def test_share_at_the_same_path_both_ways(topology):
+    _, facts, tmp = topology
+    assert facts["shared_file"] == "written on the host"
+    assert (tmp / "from-guest.txt").read_text() == "written in the guest\n"
+
+
+def test_two_controllers_with_two_namespaces_each(topology):
+    _, facts, _ = topology
+    assert facts["namespaces"] == ["nvme0n1", "nvme0n2", "nvme1n1", "nvme1n2"]
+    assert facts["devnodes"] == ["/dev/nvme0n1", "/dev/nvme0n2", "/dev/nvme1n1", "/dev/nvme1n2"]
+    assert facts["serials"] == {"0000:00:10.0": "USERBLK0", "0000:00:11.0": "USERBLK1"}
+
+
+def test_controller_and_namespace_properties(topology):
+    _, facts, _ = topology
+    assert facts["lbs"] == "4096"           # ns_opts
+    assert facts["max_hw_kb"] == "16"       # nvme_opts mdts=2: 2^2 x 4 KiB pages
+    assert facts["hugepages"] == "256"
+    assert facts["iommus"], "the vIOMMU is on by default"
+
+
+@pytest.fixture(scope="module")
+def null_no_iommu(guest_image, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("null")
+    config = GuestConfig(nvme_backend="null", null_latency_ns=400_000_000, nvme_size="16M",
+                         iommu=False, hugepages=16)
+    return _probe(guest_image, tmp, config, "read")
+
+
+def test_null_backend_latency_makes_commands_slow(null_no_iommu):
+    _, facts = null_no_iommu
+    assert facts["read_zeroes"]
+    assert facts["read_seconds"] >= 0.4
+
+
+def test_iommu_off_and_hugepages_option(null_no_iommu):
+    _, facts = null_no_iommu
+    assert facts["iommus"] == []
+    assert facts["hugepages"] == "16"
+
+
+def test_timeout_kills_the_guest_with_a_distinct_status(guest_image, tmp_path):
+    t0 = time.monotonic()
+    result = run_guest(GuestConfig(timeout=4, console_log=str(tmp_path / "c.log")),
+                       ["sleep", "600"], image=guest_image)
+    assert result.returncode == EXIT_TIMEOUT and result.timed_out
+    assert not result.status_reported
+    assert "killed by the timeout" in result.problem()
+    assert time.monotonic() - t0 < 30
+
+
+GUEST_MODULE = '''
+import os
+import pytest
+
+pytestmark = pytest.mark.guest(nvme_size="16M", hugepages=8)
+
+
+def test_passes():
+    assert os.environ["USERBLK_IN_GUEST"] == "1" and os.geteuid() == 0
+
+
+def test_fails():
+    value = 1 + 1
+    assert value == 3, "deliberate failure in the guest"
+
+
+def test_skips():
+    pytest.skip("deliberately skipped in the guest")
+
+
+def test_crashes_the_guest():
+    with open("/proc/sysrq-trigger", "w") as f:
+        f.write("c")  # kernel panic: the guest dies without reporting
+
+
+def test_after_the_crash():
+    pass
+'''
+
+
+def test_guest_marked_module_outcomes_reach_the_host(guest_image, tmp_path):
+    """A host pytest on a guest-marked module: pass, fail (with the guest's assertion), skip
+    (with its reason), a test that crashes the guest and one after it (never reported)."""
+    (tmp_path / "test_in_guest.py").write_text(textwrap.dedent(GUEST_MODULE))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("PYTEST_ADDOPTS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.guest.plugin", "-p", "no:cacheprovider",
+         "--guest=require", "--guest-timeout=300", "-rA", "--junitxml", str(tmp_path / "j.xml"),
+         "test_in_guest.py"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 1, out
+    outcomes = {}
+    for case in ET.parse(tmp_path / "j.xml").getroot().iter("testcase"):
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        outcomes[case.get("name")] = kinds[0] if kinds else "passed"
+    assert outcomes == {"test_passes": "passed", "test_fails": "failure", "test_skips": "skipped",
+                        "test_crashes_the_guest": "failure", "test_after_the_crash": "failure"}, out
+    assert "deliberate failure in the guest" in out and "assert 2 == 3" in out
+    assert "deliberately skipped in the guest" in out
+    assert "the guest never reported this test" in out
+    assert "reported no exit status" in out
+    assert "Kernel panic" in out  # the console excerpt starts at the panic
+    assert "its run had ended before, see test_in_guest.py::test_crashes_the_guest" in out
+    assert "userblk guest runs" in out and "NO STATUS" in out
