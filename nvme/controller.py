@@ -410,6 +410,11 @@ class Controller:
 
     def _create_queues(self, qp):
         qid, n = qp.qid, qp.entries
+        # shadow doorbell slots of this queue id zeroed before the controller looks at them
+        if self._dbbuf is not None:
+            qp.set_shadow_doorbells(self._dbbuf[0].vaddr, self._dbbuf[1].vaddr)
+        else:
+            qp.set_shadow_doorbells(0, 0)
         # Create I/O CQ: physically contiguous (PC=1), interrupts off (IEN=0): we poll
         self.admin(OP_CREATE_CQ, prp=(qp.cq_iova, 0), cdw10=((n - 1) << 16) | qid, cdw11=0x1)
         try:
@@ -419,10 +424,6 @@ class Controller:
         except BaseException:
             self.admin(OP_DELETE_CQ, cdw10=qid, check=False)
             raise
-        if self._dbbuf is not None:
-            qp.set_shadow_doorbells(self._dbbuf[0].vaddr, self._dbbuf[1].vaddr)
-        else:
-            qp.set_shadow_doorbells(0, 0)
         qp.enable()
 
     def delete_io_qpair(self, qp):

@@ -316,6 +316,12 @@ cdef class QueuePair:
         self.shadow_cq = <uint32_t*> (shadow_base + (2 * self.qid + 1) * stride)
         self.eventidx_sq = <uint32_t*> (eventidx_base + (2 * self.qid) * stride)
         self.eventidx_cq = <uint32_t*> (eventidx_base + (2 * self.qid + 1) * stride)
+        # A queue id is reused after a delete: whatever an earlier queue left in these slots
+        # (a tail of 37, an EventIdx of 37) would make the first doorbells of this one look
+        # already announced, and the controller would never fetch them. Start from zero.
+        if self.state != QP_ENABLED:
+            self.shadow_sq[0] = self.shadow_cq[0] = 0
+            self.eventidx_sq[0] = self.eventidx_cq[0] = 0
 
     def enable(self):
         """Mark the queues as existing on the controller: I/O may flow."""
@@ -416,7 +422,13 @@ cdef class QueuePair:
         if not self.on_owner():
             return -EPERM
         if self.state != QP_ENABLED:
-            return -ENXIO
+            if self.state != QP_DISCONNECTING:
+                return -ENXIO
+            # the controller was reset: finish the old queue's commands first (the disconnect
+            # handler re-creates the queue when the controller is back)
+            self.drain_disconnected()
+            if self.state != QP_ENABLED:
+                return -ENXIO
         if self.timeout_ns:
             req.submit_ns = now_ns()
         tr = self.free_trackers
@@ -640,6 +652,8 @@ cdef class QueuePair:
             return -EINVAL
         if not self.on_owner():
             return -EPERM
+        if self.state == QP_DISCONNECTING:
+            self.drain_disconnected()
         if self.state != QP_ENABLED:
             return -ENXIO
         total_len = (<uint64_t> nblocks) << lba_shift if buf != NULL else 0
