@@ -6,6 +6,8 @@ order and codes: the things a driver gets wrong (queue identifiers and sizes, fe
 log page offsets, NSIDs) fail with the status a real controller gives, and DNR set.
 """
 
+import struct
+
 from nvme import spec
 from nvme.emu.dptr import prp_segments, scatter, gather
 from nvme.emu.errors import CommandFailed
@@ -229,6 +231,11 @@ class AdminCommands:
             return self.smart_log().pack()
         if lid == LogPageId.FIRMWARE_SLOT:
             return FirmwareSlotLog(afi=1, frs=[self.firmware] + [""] * 6).pack()
+        if lid == LogPageId.CHANGED_NAMESPACE_LIST:
+            # up to 1024 NSIDs; more than that is reported as FFFFFFFFh alone (Base 5.16.1.5)
+            changed = sorted(self.changed_namespaces)
+            raw = [0xFFFFFFFF] if len(changed) > 1024 else changed
+            return struct.pack(f"<{len(raw)}I", *raw).ljust(4096, b"\0")
         raise CommandFailed(CommandSpecific.INVALID_LOG_PAGE, why=f"log page {lid:02x}h")
 
     def smart_log(self):
@@ -258,6 +265,8 @@ class AdminCommands:
                                 why=f"offset {offset} beyond the {len(data)}-byte log")
         self._to_host(cmd, data[offset:offset + length].ljust(length, b"\0"))
         if not rae:
+            if lid == LogPageId.CHANGED_NAMESPACE_LIST:
+                self.changed_namespaces.clear()      # reading it clears it (RAE clear)
             self._log_page_read(lid)
         return 0
 

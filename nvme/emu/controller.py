@@ -15,11 +15,13 @@ It behaves like a PCIe controller as the Base Specification describes it, reache
 - Host memory is reached only by IOVA through the registered DMA regions (`hostmem`): a DMA to
   anything else is a Data Transfer Error, never a stray write.
 - Admin commands: Identify (CNS 00h-03h), Get/Set Features, Get Log Page (error, SMART,
-  firmware slot), Create/Delete I/O SQ/CQ, Abort, Asynchronous Event Request, Doorbell Buffer
-  Config, Keep Alive (`nvme.emu.admin`). NVM commands: Read, Write, Flush, Write Zeroes, Dataset
-  Management, Compare, Write Uncorrectable, Verify, with PRPs or SGLs (`nvme.emu.nvm`).
+  firmware slot, changed namespace list), Create/Delete I/O SQ/CQ, Abort, Asynchronous Event
+  Request, Doorbell Buffer Config, Keep Alive (`nvme.emu.admin`). NVM commands: Read, Write,
+  Flush, Write Zeroes, Dataset Management, Compare, Write Uncorrectable, Verify, with PRPs or
+  SGLs (`nvme.emu.nvm`).
 - Faults: `inject`, `hold`/`release`, `delay`/`tick`, `fatal`, `never_ready`,
-  `post_bogus_completion`, `remove`, `raise_event`.
+  `post_bogus_completion`, `remove`; events: `raise_event`, `change_namespaces`,
+  `set_temperature`.
 
 Everything runs synchronously inside the trap, under one lock (traps may come from several
 threads): correct and readable rather than fast (tens of thousands of commands per second).
@@ -196,6 +198,7 @@ class EmulatedController(AdminCommands, NvmCommands):
             acl=acl, aerl=aerl, frmw=0x03, lpa=IdentifyController.LPA_EXTENDED_DATA,
             elpe=elpe, npss=0, wctemp=TEMPERATURE_WARNING_K, cctemp=TEMPERATURE_CRITICAL_K,
             tnvmcap=sum(ns.size_bytes for ns in self.namespaces.values()), kas=1,
+            oaes=1 << 8,               # Namespace Attribute Notices (Changed Namespace List)
             sqes=0x66, cqes=0x44, nn=self.nn, oncs=oncs, vwc=0x07 if vwc else 0, sgls=sgls,
             subnqn=f"nqn.2024-01.io.userblk:emu:{serial}",
             psds=[PowerState(mp=2500, enlat=16, exlat=4)])
@@ -226,6 +229,7 @@ class EmulatedController(AdminCommands, NvmCommands):
         self.error_count = 0
         self.error_log = collections.deque(maxlen=elpe + 1)
         self.media_errors = 0
+        self.changed_namespaces = set()
         self.bytes_read = 0
         self.bytes_written = 0
         self.host_read_commands = 0
@@ -686,6 +690,14 @@ class EmulatedController(AdminCommands, NvmCommands):
             if lid in pages:
                 self._masked_events.discard(event_type)
         self._deliver_events()
+
+    @_locked
+    def change_namespaces(self, nsids):
+        """Record that these namespaces' attributes changed: the Changed Namespace List log
+        (04h) lists them and a Namespace Attribute Notice event is raised (Base 5.2.1)."""
+        self.changed_namespaces.update(nsids)
+        self.raise_event(AsyncEventType.NOTICE, spec.AsyncEventNotice.NAMESPACE_ATTRIBUTE_CHANGED,
+                         LogPageId.CHANGED_NAMESPACE_LIST)
 
     @property
     def pending_events(self):

@@ -368,6 +368,22 @@ def test_firmware_slot_log_and_offsets():
     assert is_(drv.get_log_page(0x42, 512)[0], CommandSpecific.INVALID_LOG_PAGE)
 
 
+def test_changed_namespace_list():
+    emu, drv = make([EmuNamespace(8, nsid=n) for n in (1, 2, 3)])
+    assert IdentifyController.parse(drv.identify(1)[1]).oaes & 1 << 8
+    aer = drv.admin_q.submit(Command(opc=spec.ADM_ASYNC_EVENT_REQUEST))
+    emu.change_namespaces([3, 1])
+    event = spec.AsyncEvent.decode(drv.admin_q.wait(aer).cdw0)
+    assert event == spec.AsyncEvent(2, 0, LogPageId.CHANGED_NAMESPACE_LIST)
+    cpl, raw = drv.get_log_page(event.log_page, 4096)
+    assert st(cpl).ok and ActiveNamespaceList.parse(raw).nsids == [1, 3]
+    _, raw = drv.get_log_page(event.log_page, 4096)            # read with RAE clear: emptied
+    assert ActiveNamespaceList.parse(raw).nsids == []
+    emu.change_namespaces(range(1, 1100))
+    _, raw = drv.get_log_page(event.log_page, 4096)
+    assert struct.unpack_from("<2I", raw) == (0xFFFFFFFF, 0)
+
+
 def test_log_page_larger_than_mdts_is_refused():
     emu, drv = make(mdts=1)                      # 8 KiB
     assert is_(drv.get_log_page(LogPageId.ERROR_INFORMATION, 16384)[0], Generic.INVALID_FIELD)
