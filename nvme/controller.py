@@ -172,7 +172,8 @@ class Controller:
         self.max_transfer = MAX_TRANSFER_CAP if mdts == 0 else min(PAGE << mdts, MAX_TRANSFER_CAP)
         self.sgl_supported = bool(self.data.sgls & 0x3)
         self._set_num_queues(opts.num_io_queues)
-        self._free_qids = list(range(self.num_io_queues, 0, -1))
+        # queue pairs that survive a reset keep their ids
+        self._free_qids = [q for q in range(self.num_io_queues, 0, -1) if q not in self.qpairs]
         if opts.shadow_doorbells and self.data.oacs & (1 << 8):
             self._config_dbbuf()
         else:
