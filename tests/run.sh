@@ -39,4 +39,4 @@ fi
 guest=auto
 [ "${CI:-}" = true ] && guest=require
 .venv/bin/python -m pytest -q --guest="$guest" tests "$@"
-.venv/bin/python -m pytest -q --guest="$guest" --benchmark-disable benchmarks
+USERBLK_BENCH_SECONDS=1 .venv/bin/python -m pytest -q --guest="$guest" --benchmark-disable benchmarks
