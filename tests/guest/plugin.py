@@ -51,6 +51,9 @@ DEFAULT_TIMEOUT = 1800.0  # per guest boot, when neither the marker nor --guest-
 KEEP_SESSIONS = 10        # guest log directories of older pytest sessions are pruned
 TAIL_LINES = 40
 HOST_ONLY_ENV = re.compile(r"^USERBLK_(GUEST_|IN_GUEST$)")  # never forwarded into the guest
+# Plugins that double pytest's start-up, which under TCG costs 4-5 s per guest module; they are
+# left out of the guest pytest unless the module or a conftest above it names the word.
+OPTIONAL_PLUGINS = {"hypothesispytest": "hypothesis", "benchmark": "benchmark"}
 
 
 def in_guest() -> bool:
@@ -91,6 +94,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="where guest runs keep their logs (default: $TMPDIR/userblk-guest-logs)")
     group.addoption("--guest-pytest-args", default="", metavar="ARGS",
                     help="extra arguments for the pytest inside the guest (one shell-quoted string)")
+    group.addoption("--guest-all-plugins", action="store_true",
+                    help="load every pytest plugin in the guest (by default hypothesis and "
+                         "benchmark are left out of modules that do not mention them)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -332,8 +338,10 @@ class HostSide:
     def _guest_argv(self, group: _Group) -> list[str]:
         opt = self.config.option
         argv = [sys.executable, "-m", "pytest", *[i.nodeid for i in group.items],
-                # this plugin too, for a suite whose conftest does not load it (self-tests)
-                "-p", "tests.guest.plugin", "-p", "tests.guest.report",
+                # the reporter first: the plugin imports it, and a plugin module imported
+                # before its -p cannot be assertion-rewritten (a warning in every run);
+                # the plugin too, for a suite whose conftest does not load it (self-tests)
+                "-p", "tests.guest.report", "-p", "tests.guest.plugin",
                 "-p", "no:cacheprovider",  # the shared checkout is read-mostly
                 "--rootdir", str(self.config.rootpath), "-v", "--color=no",
                 f"--tb={getattr(opt, 'tbstyle', 'auto')}"]
@@ -347,8 +355,25 @@ class HostSide:
             argv.append(f"--maxfail={opt.maxfail}")
         for w in getattr(opt, "pythonwarnings", None) or ():
             argv += ["-W", w]
+        for name in self._unneeded_plugins(group):
+            argv += ["-p", f"no:{name}"]
         argv += shlex.split(self.config.getoption("--guest-pytest-args"))
         return argv
+
+    def _unneeded_plugins(self, group: _Group) -> list[str]:
+        if self.config.getoption("--guest-all-plugins"):
+            return []
+        module = group.items[0].path
+        sources = [module] + [d / "conftest.py" for d in module.parents
+                              if d == self.config.rootpath or self.config.rootpath in d.parents]
+        text = ""
+        for path in sources:
+            try:
+                text += path.read_text(errors="replace")
+            except OSError:
+                pass
+        return [name for name, word in OPTIONAL_PLUGINS.items()
+                if self.config.pluginmanager.has_plugin(name) and word not in text]
 
     def _shares(self, logdir: Path) -> list[Share]:
         """The checkout, the interpreter and its packages, and the log directory, each at its

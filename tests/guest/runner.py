@@ -51,6 +51,7 @@ ACCEL_ENV = "USERBLK_GUEST_ACCEL"
 FIRST_NVME_SLOT = 0x10  # controller c is 0000:00:1<c>.0 (slot 0x10 + c)
 MAX_NVME_CTRLS = 15     # slots 0x10..0x1e; 0x1f holds the ICH9 functions of q35
 SHARE_CACHE_MODES = ("loose", "mmap", "none")
+RUNDIR_PREFIX = "userblk-guest-run-"
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -387,6 +388,18 @@ class _ConsoleTail(threading.Thread):
             self.stop.wait(0.1)
 
 
+def _remove_dead_rundirs() -> None:
+    """Run directories of runners that were SIGKILLed (no cleanup ran): their owner is gone."""
+    for path in Path(tempfile.gettempdir()).glob(RUNDIR_PREFIX + "*"):
+        try:
+            pid = int((path / "owner").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):
+            pass  # not ours to judge (no owner file yet, another user's, ...)
+
+
 def _quote_opt(value: str) -> str:
     return str(value).replace(",", ",,")  # QEMU option syntax: a literal comma is doubled
 
@@ -559,7 +572,9 @@ class GuestRun:
         for share in self.config.shares:
             if not os.path.isdir(share.host):
                 raise ValueError(f"share {share.host} is not a directory")
-        self.rundir = Path(tempfile.mkdtemp(prefix="userblk-guest-run-"))
+        _remove_dead_rundirs()
+        self.rundir = Path(tempfile.mkdtemp(prefix=RUNDIR_PREFIX))
+        (self.rundir / "owner").write_text(f"{os.getpid()}\n")
         self.console_path = (Path(self.config.console_log).resolve() if self.config.console_log
                              else self.rundir / "console.log")
         self.console_path.parent.mkdir(parents=True, exist_ok=True)
