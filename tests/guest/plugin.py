@@ -206,7 +206,10 @@ class HostSide:
                 try:
                     self.image = ensure_image(build=True, say=self._say)
                 except ImageUnavailable as e:
-                    self._problem = str(e)
+                    reason = str(e)
+                    if "\n" in reason:  # a failed build: its log tail once, one line per test
+                        self._say(reason)
+                    self._problem = reason.splitlines()[0]
         return self._problem
 
     def _say(self, message: str) -> None:
@@ -286,8 +289,8 @@ class HostSide:
         if group.first_unreported is None:
             group.first_unreported = item.nodeid
             return self._failed(item, self._never_reported(group))
-        return self._failed(item, f"the guest never reported this test: its run had ended "
-                                  f"before, see {group.first_unreported}")
+        return self._failed(item, f"the guest never reported this test: {self._headline(group)} "
+                                  f"(details under {group.first_unreported})")
 
     def _guest_reports(self, item: pytest.Item, group: _Group, path: Path) -> list:
         import json
@@ -302,6 +305,16 @@ class HostSide:
                 rep.sections.append(("userblk guest", f"ran in guest run {group.index} "
                                      f"({group.config.describe()}); logs: {group.logdir}"))
         return reports or self._failed(item, "the guest sent an empty report for this test")
+
+    @staticmethod
+    def _headline(group: _Group) -> str:
+        result = group.result
+        if result is None:
+            return "the guest run was stopped"
+        problem = result.problem()
+        if problem:
+            return problem.splitlines()[0]
+        return f"the guest pytest exited with status {result.returncode}"
 
     def _never_reported(self, group: _Group) -> str:
         lines = ["the guest never reported this test: its run ended while or before it ran."]

@@ -48,4 +48,4 @@ def test_the_vfio_module_loads():
     import subprocess
     subprocess.run(["modprobe", "vfio-pci"], check=True)
     assert Path("/sys/bus/pci/drivers/vfio-pci").is_dir()
-    assert Path("/sys/kernel/iommu_groups/").iterdir()
+    assert any(Path("/sys/kernel/iommu_groups").iterdir()), "the vIOMMU makes IOMMU groups"
