@@ -103,7 +103,7 @@ class Controller:
         self.state = "new"
         self._dbbuf = None               # (shadow DmaBuffer, eventidx DmaBuffer)
         self._aers_outstanding = 0
-        self._aborts = {}                # (qid, cid) -> deadline (monotonic)
+        self._aborts = {}                # (qid, cid) -> (deadline (monotonic), command token)
         self._reset_pending = False
         self.reset_count = 0
         self._free_qids = []
@@ -454,7 +454,8 @@ class Controller:
         log.warning("%s: command %d on queue %d (opcode %s) timed out; aborting", self.name, cid,
                     qp.qid, None if cmd is None else f"0x{cmd[0]:02x}")
         deadline = time.monotonic() + (self.options.abort_timeout_s or self.options.io_timeout_s)
-        self._aborts[(qp.qid, cid)] = deadline
+        # the CID is reused as soon as the command completes: remember which command it was
+        self._aborts[(qp.qid, cid)] = (deadline, qp.command_token(cid))
         try:
             with self.admin_lock:
                 self.admin_qpair.submit_raw(OP_ABORT, cdw10=qp.qid | (cid << 16),
@@ -472,9 +473,9 @@ class Controller:
 
     def _check_aborts(self):
         now = time.monotonic()
-        for (qid, cid), deadline in list(self._aborts.items()):
+        for (qid, cid), (deadline, token) in list(self._aborts.items()):
             qp = self.qpairs.get(qid)
-            if qp is None or cid not in qp.outstanding_cids():
+            if qp is None or qp.command_token(cid) != token:
                 del self._aborts[(qid, cid)]
             elif now > deadline:
                 log.error("%s: command %d on queue %d still outstanding after Abort; resetting "

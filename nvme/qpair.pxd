@@ -10,10 +10,7 @@ cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
     pthread_t pthread_self()
 
-cdef extern from "<sys/uio.h>" nogil:
-    cdef struct iovec:
-        void* iov_base
-        size_t iov_len
+from posix.uio cimport iovec
 
 # A completion callback at C level: `arg` is what the submitter passed, `cpl` the completion entry
 # (for a split request, the first failing child's entry, or the last one's on success).
@@ -56,6 +53,7 @@ cdef struct nvme_tracker:
     uint16_t cid
     uint8_t active
     uint8_t timeout_reported
+    uint32_t gen                # incremented each time the tracker starts a command
 
 
 cdef class Completion:
@@ -69,6 +67,7 @@ cdef class QueuePair:
     cdef nvme_sqe* sq
     cdef nvme_cqe* cq
     cdef nvme_tracker* trackers
+    cdef nvme_tracker scratch           # builds the data pointer of a request that must queue
     cdef nvme_tracker* free_trackers
     cdef nvme_tracker* out_head         # oldest outstanding
     cdef nvme_tracker* out_tail
@@ -117,6 +116,7 @@ cdef class QueuePair:
     cdef readonly Transport transport
     cdef nvme_request* requests
     cdef object _mem                    # DmaBuffers that back the rings and list pages
+    cdef bint destroy_pending           # destroyed from another thread: DESTROYED once drained
     cdef object timeout_handler         # Python callable(qpair, cid) for a command past its timeout
     cdef object disconnect_handler      # Python callable(qpair) when a disconnect is drained
     cdef readonly object controller     # weak reference set by the owner controller
@@ -128,6 +128,10 @@ cdef class QueuePair:
     cdef int submit_io(self, uint8_t opc, uint32_t nsid, uint64_t lba, uint32_t nblocks,
                        uint32_t lba_shift, char* buf, uint32_t cdw12_flags, uint32_t cdw13,
                        nvme_cb cb_fn, void* cb_arg) noexcept nogil
+    cdef int submit_iov_chunks(self, uint8_t opc, uint32_t nsid, uint64_t lba,
+                               uint32_t lba_shift, const iovec* iov, const uint32_t* counts,
+                               uint32_t nchunks, uint32_t cdw12_flags, nvme_cb cb_fn,
+                               void* cb_arg) noexcept nogil
     cdef int submit_iov(self, uint8_t opc, uint32_t nsid, uint64_t lba, uint32_t nblocks,
                         uint32_t lba_shift, const iovec* iov, uint32_t iovcnt,
                         uint32_t cdw12_flags, nvme_cb cb_fn, void* cb_arg) noexcept nogil

@@ -164,9 +164,12 @@ cdef class _IovArray:
     """An iovec array for one vectored Python submission, freed when its completion is done."""
     cdef iovec* iov
     cdef uint32_t count
+    cdef uint32_t* counts       # a split submission: elements of each child, in order
+    cdef uint32_t nchunks
 
     def __dealloc__(self):
         free(self.iov)
+        free(self.counts)
 
 
 cdef void _py_io_done(void* arg, const nvme_cqe* cpl) noexcept nogil:
@@ -230,7 +233,7 @@ cdef class QueuePair:
 
         sq = _memory.allocate(size * sizeof(nvme_sqe), 4096, zero=True)
         cq = _memory.allocate(size * sizeof(nvme_cqe), 4096, zero=True)
-        lists = _memory.allocate(self.ntrackers * PAGE_SIZE, 4096, zero=True)
+        lists = _memory.allocate((self.ntrackers + 1) * PAGE_SIZE, 4096, zero=True)
         for buf in (sq, cq):
             if buf.translate(0)[1] != buf.size:
                 raise TranslationError("queue ring is not IOVA-contiguous (hugepages too small?)")
@@ -250,6 +253,14 @@ cdef class QueuePair:
             tr.list_iova = vtophys(<uint64_t> <uintptr_t> tr.list_page, NULL)
             if tr.list_iova == IOVA_INVALID:
                 raise TranslationError("PRP list page has no IOVA")
+        # the page after the trackers' pages: where a request that has to wait in the software
+        # queue gets its data pointer built once, so that it is refused now if it cannot be
+        # described, exactly as it would be with a tracker free
+        self.scratch.cid = 0xFFFF
+        self.scratch.list_page = <uint64_t*> (list_base + self.ntrackers * PAGE_SIZE)
+        self.scratch.list_iova = vtophys(<uint64_t> <uintptr_t> self.scratch.list_page, NULL)
+        if self.scratch.list_iova == IOVA_INVALID:
+            raise TranslationError("PRP list page has no IOVA")
         self._reset_lists()
         self.sq_doorbell = transport.doorbell_addr(qid, 0)
         self.cq_doorbell = transport.doorbell_addr(qid, 1)
@@ -443,7 +454,8 @@ cdef class QueuePair:
                 self.ring_sq()
             return 0
         if req.len or req.iov != NULL:
-            rc = self.validate_payload(req)
+            # the checks start() will make, now: refused at submission either way
+            rc = self.build_data_pointer(req, &self.scratch)
             if rc != 0:
                 return rc
         # no tracker free: wait in the software queue, in order
@@ -470,6 +482,7 @@ cdef class QueuePair:
                 return rc
         # no payload: PRP1/PRP2 stay as built (zero, or raw addresses such as a queue's base)
         tr.active = 1
+        tr.gen += 1
         tr.timeout_reported = 0
         if self.timeout_ns:
             tr.start_ns = req.submit_ns
@@ -660,6 +673,8 @@ cdef class QueuePair:
         chunk = MAX_NLB
         if buf != NULL and (self.max_transfer >> lba_shift) < chunk:
             chunk = self.max_transfer >> lba_shift
+            if chunk == 0:
+                return -E2BIG       # one block is larger than the controller transfers at once
         if nblocks <= chunk:
             child = self.alloc_request()
             if child == NULL:
@@ -735,6 +750,78 @@ cdef class QueuePair:
         req.cmd.cdw12 = (nblocks - 1) | cdw12_flags
         req.cmd.cdw13 = cdw13
 
+    cdef int submit_iov_chunks(self, uint8_t opc, uint32_t nsid, uint64_t lba,
+                               uint32_t lba_shift, const iovec* iov, const uint32_t* counts,
+                               uint32_t nchunks, uint32_t cdw12_flags, nvme_cb cb_fn,
+                               void* cb_arg) noexcept nogil:
+        """A vectored transfer above the maximum, already cut into `nchunks` consecutive iovecs
+        (`counts[i]` elements each, every one at most `max_transfer` bytes of whole blocks): one
+        child request each, completing into one parent. All go, or none (negative errno)."""
+        cdef nvme_request* parent
+        cdef nvme_request* child
+        cdef nvme_request* probe
+        cdef nvme_request tmp
+        cdef uint32_t i, j, count, start = 0
+        cdef uint64_t length, done = 0
+        cdef int rc
+        if not self.on_owner():
+            return -EPERM
+        if self.state == QP_DISCONNECTING:
+            self.drain_disconnected()
+        if self.state != QP_ENABLED:
+            return -ENXIO
+        probe = self.free_requests
+        count = 0
+        while probe != NULL and count <= nchunks:
+            probe = probe.next
+            count += 1
+        if count < nchunks + 1:
+            return -ENOMEM
+        # every child must be describable before any is submitted
+        for i in range(nchunks):
+            memset(&tmp, 0, sizeof(tmp))
+            tmp.iov = &iov[start]
+            tmp.iovcnt = counts[i]
+            for j in range(counts[i]):
+                tmp.len += iov[start + j].iov_len
+            if (tmp.len >> lba_shift) > MAX_NLB or tmp.len & ((1 << lba_shift) - 1):
+                return -EINVAL
+            rc = self.build_data_pointer(&tmp, &self.scratch)
+            if rc != 0:
+                return rc
+            start += counts[i]
+        parent = self.alloc_request()
+        parent.cb_fn = cb_fn
+        parent.cb_arg = cb_arg
+        parent.children_left = nchunks
+        parent.children_total = nchunks
+        parent.cmd.opc = opc
+        parent.cmd.nsid = nsid
+        self.n_splits += 1
+        start = 0
+        for i in range(nchunks):
+            length = 0
+            for j in range(counts[i]):
+                length += iov[start + j].iov_len
+            child = self.alloc_request()
+            self._fill_rw(child, opc, nsid, lba + done, <uint32_t> (length >> lba_shift),
+                          cdw12_flags, 0)
+            child.parent = parent
+            child.flags = REQ_CHILD
+            child.iov = &iov[start]
+            child.iovcnt = counts[i]
+            child.len = length
+            rc = self.submit_request(child)
+            if rc != 0:
+                # cannot happen after the checks above; complete what is left as failed
+                self.free_request(child)
+                parent.children_left -= nchunks - i - 1
+                self.fail_child_remainder(parent)
+                return 0
+            start += counts[i]
+            done += length >> lba_shift
+        return 0
+
     cdef int submit_iov(self, uint8_t opc, uint32_t nsid, uint64_t lba, uint32_t nblocks,
                         uint32_t lba_shift, const iovec* iov, uint32_t iovcnt,
                         uint32_t cdw12_flags, nvme_cb cb_fn, void* cb_arg) noexcept nogil:
@@ -746,6 +833,8 @@ cdef class QueuePair:
         cdef int rc
         if nblocks == 0 or nblocks > MAX_NLB or iovcnt == 0:
             return -EINVAL
+        if not self.on_owner():
+            return -EPERM
         for i in range(iovcnt):
             total += iov[i].iov_len
         if total != (<uint64_t> nblocks) << lba_shift:
@@ -944,8 +1033,8 @@ cdef class QueuePair:
             self.fail_request(req, SCT_GENERIC, SC_ABORTED_SQ_DELETION, False)
             n += 1
         self.in_completions = 0
-        self.state = QP_DISCONNECTED
-        if self.disconnect_handler is not None:
+        self.state = QP_DESTROYED if self.destroy_pending else QP_DISCONNECTED
+        if self.disconnect_handler is not None and not self.destroy_pending:
             with gil:
                 try:
                     self.disconnect_handler(self)
@@ -965,12 +1054,16 @@ cdef class QueuePair:
                 self.drain_disconnected()
 
     def destroy(self):
-        """Forget the queue pair (after disconnect). Further use raises."""
+        """Forget the queue pair (after disconnect). Further use raises. From a thread that
+        does not own it, the owner completes what is in flight on its next poll or submission
+        (ABORTED - SQ DELETION), and only then is the queue pair destroyed."""
         if self.state == QP_ENABLED or self.state == QP_DISCONNECTING:
             self.state = QP_DISCONNECTING
-            if self.on_owner():
-                with nogil:
-                    self.drain_disconnected()
+            if not self.on_owner():
+                self.destroy_pending = True
+                return
+            with nogil:
+                self.drain_disconnected()
         self.state = QP_DESTROYED
 
     # ---- Python API ---------------------------------------------------------------------------
@@ -1007,6 +1100,8 @@ cdef class QueuePair:
         cdef nvme_request* req
         cdef DmaBuffer dbuf
         cdef int rc
+        if not self.on_owner():
+            self._raise_for(-EPERM)      # before touching the request pool
         if cb is not None and not callable(cb):
             raise InvalidArgument(f"cb must be callable, not {cb!r}")
         if iov is not None:
@@ -1080,6 +1175,8 @@ cdef class QueuePair:
         cdef DmaBuffer dbuf = None
         cdef char* ptr = NULL
         cdef int rc
+        if cb is not None and not callable(cb):
+            raise InvalidArgument(f"cb must be callable, not {cb!r}")
         if buf is not None:
             if not isinstance(buf, DmaBuffer):
                 raise InvalidArgument(f"buf must be an env.memory.DmaBuffer, not "
@@ -1104,7 +1201,10 @@ cdef class QueuePair:
 
     def submit_nvm_iov(self, uint8_t opc, uint32_t nsid, uint64_t lba, uint32_t nblocks,
                        uint32_t lba_shift, iov, uint32_t cdw12_flags=0, cb=None):
-        """Vectored Read/Write/Compare: `iov` is a sequence of (DmaBuffer, offset, length)."""
+        """Vectored Read/Write/Compare: `iov` is a sequence of (DmaBuffer, offset, length).
+        Split above the maximum transfer."""
+        if cb is not None and not callable(cb):
+            raise InvalidArgument(f"cb must be callable, not {cb!r}")
         cdef _IovArray arr = _IovArray()
         cdef DmaBuffer dbuf
         cdef uint32_t i
@@ -1130,18 +1230,66 @@ cdef class QueuePair:
                                       f"{dbuf.nbytes()}-byte buffer")
             arr.iov[i].iov_base = dbuf.data() + <size_t> off
             arr.iov[i].iov_len = <size_t> length
+        total = sum(length for _, _, length in items)
+        if total > self.max_transfer:
+            arr = self._split_iov(arr, total, lba_shift)
         bufs = tuple(b for b, _, _ in items)
         for b in bufs:
             (<DmaBuffer> b).pin()
         ctx = (cb, arr) + bufs
         Py_INCREF(ctx)
-        rc = self.submit_iov(opc, nsid, lba, nblocks, lba_shift, arr.iov, arr.count, cdw12_flags,
-                             _py_io_done, <void*> ctx)
+        if arr.counts != NULL:
+            if total != (<uint64_t> nblocks) << lba_shift:
+                rc = -EINVAL
+            else:
+                rc = self.submit_iov_chunks(opc, nsid, lba, lba_shift, arr.iov, arr.counts,
+                                            arr.nchunks, cdw12_flags, _py_io_done, <void*> ctx)
+        else:
+            rc = self.submit_iov(opc, nsid, lba, nblocks, lba_shift, arr.iov, arr.count,
+                                 cdw12_flags, _py_io_done, <void*> ctx)
         if rc != 0:
             Py_DECREF(ctx)
             for b in bufs:
                 (<DmaBuffer> b).unpin()
             self._raise_for(rc)
+
+    def _split_iov(self, _IovArray whole, uint64_t total, uint32_t lba_shift):
+        """The iovec cut into consecutive pieces of the largest whole number of blocks a command
+        carries. Cutting at multiples of the maximum transfer (a multiple of the page size) keeps
+        what PRPs can express expressible."""
+        cdef _IovArray arr = _IovArray()
+        cdef uint64_t chunk = (self.max_transfer >> lba_shift) << lba_shift
+        cdef uint64_t cur = 0, take, n
+        cdef uint32_t i, k = 0, c = 0, count = 0
+        cdef char* p
+        if chunk == 0:
+            self._raise_for(-E2BIG)
+        arr.nchunks = <uint32_t> ((total + chunk - 1) // chunk)
+        arr.iov = <iovec*> calloc(whole.count + arr.nchunks, sizeof(iovec))
+        arr.counts = <uint32_t*> calloc(arr.nchunks, sizeof(uint32_t))
+        if arr.iov == NULL or arr.counts == NULL:
+            raise MemoryError()
+        for i in range(whole.count):
+            p = <char*> whole.iov[i].iov_base
+            n = whole.iov[i].iov_len
+            while n:
+                take = min(n, chunk - cur)
+                arr.iov[k].iov_base = p
+                arr.iov[k].iov_len = <size_t> take
+                k += 1
+                count += 1
+                p += take
+                n -= take
+                cur += take
+                if cur == chunk:
+                    arr.counts[c] = count
+                    c += 1
+                    count = 0
+                    cur = 0
+        if count:
+            arr.counts[c] = count
+        arr.count = k
+        return arr
 
     @property
     def busy(self):
@@ -1186,6 +1334,13 @@ cdef class QueuePair:
             out.append(tr.cid)
             tr = tr.next
         return out
+
+    def command_token(self, uint16_t cid):
+        """A value that identifies the command now outstanding under `cid` (None if none):
+        it changes when the CID is reused by another command."""
+        if cid >= self.ntrackers or not self.trackers[cid].active:
+            return None
+        return self.trackers[cid].gen
 
     def command_of(self, uint16_t cid):
         """(opcode, nsid) of the outstanding command `cid`, or None."""

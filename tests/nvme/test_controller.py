@@ -349,9 +349,6 @@ def _owned_by_another_thread(r, management):
     return calls, seen
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: detach() from a thread that does not own a "
-                   "queue pair destroys it undrained: its outstanding commands never complete "
-                   "and their buffers stay pinned")
 def test_detach_from_another_thread_completes_every_command(make_rig):
     r = make_rig(qsize=None)
     calls, seen = _owned_by_another_thread(r, lambda qp: r.ctrl.detach())
@@ -359,9 +356,6 @@ def test_detach_from_another_thread_completes_every_command(make_rig):
     assert "free_error" not in seen, seen
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: delete_io_qpair() from a thread that does not "
-                   "own the queue pair destroys it undrained (or should refuse with "
-                   "WrongThreadError): its outstanding commands never complete")
 def test_delete_io_qpair_from_another_thread_loses_nothing(make_rig):
     r = make_rig(qsize=None)
     refused = []

@@ -311,9 +311,6 @@ def test_vectored_io_argument_checks(make_rig):
     b.free()
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: vectored I/O larger than the maximum "
-                   "transfer is refused (InvalidArgument) instead of being split (DESIGN.md: "
-                   "splitting at MDTS; Namespace._vectored never splits)")
 def test_vectored_io_larger_than_the_maximum_transfer_is_split(make_rig):
     r = make_rig(mdts=1)                 # 8 KiB
     iov, data = scatter_iov([(8192, 0, 8192), (8192, 0, 8192), (4096, 0, 4096)], seed=4)

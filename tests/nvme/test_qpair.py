@@ -411,9 +411,6 @@ def test_bad_arguments_are_refused_before_the_device(make_rig):
     buf.free()                          # no refused submission left it pinned
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: QueuePair.submit_nvm and submit_nvm_iov do "
-                   "not check that cb is callable (submit_raw does); the command reaches the "
-                   "device and the TypeError is only logged at completion")
 def test_a_callback_that_is_not_callable_is_refused_before_the_device(make_rig):
     r = make_rig()
     buf = allocate(4096)
@@ -514,9 +511,6 @@ def test_queue_pair_used_from_another_thread(make_rig):
     buf.free()
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: submit_raw/submit_iov take a request from the "
-                   "pool before checking the owner thread (ResourceExhausted instead of "
-                   "WrongThreadError; the free list is touched from a foreign thread)")
 def test_wrong_thread_is_reported_even_when_no_request_is_free(make_rig):
     r = make_rig(qsize=16, requests=16)
     rule = r.emu.hold(NvmOpcode.READ)
@@ -586,9 +580,6 @@ def test_default_options(make_rig):
 
 # ---- requests that wait in the software queue are checked like the others ----------------------
 
-@pytest.mark.xfail(strict=True, reason="driver bug: a block larger than the maximum transfer "
-                   "makes QueuePair.submit_io divide by zero (chunk = max_transfer >> lba_shift "
-                   "= 0, cdivision): the process dies with SIGFPE")
 def test_block_larger_than_the_maximum_transfer_does_not_crash():
     # in a child process: the bug kills the interpreter
     script = textwrap.dedent("""
@@ -624,9 +615,6 @@ def _fill_the_trackers(r):
     return calls
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: validate_payload (software queue path) "
-                   "refuses iovec pieces whose length is not a multiple of 4, which the SGL "
-                   "built for an immediate submission accepts")
 def test_a_queued_vectored_request_is_accepted_like_an_immediate_one(make_rig):
     r = make_rig(qsize=4)
     layout = [(4096, 0, 510), (4096, 0, 2), (4096, 8, 1021), (4096, 0, 3)]
@@ -648,9 +636,6 @@ def test_a_queued_vectored_request_is_accepted_like_an_immediate_one(make_rig):
     assert r.emu.namespace(1).read_blocks(8, 3) == data
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: an iovec PRPs cannot express on a controller "
-                   "without SGLs is refused with InvalidArgument when a tracker is free, but "
-                   "accepted into the software queue and failed later with Data Transfer Error")
 def test_a_queued_vectored_request_prps_cannot_express_is_refused_at_submission(make_rig):
     r = make_rig(qsize=4, sgl=False)
     a, b = allocate(4096), allocate(4096)

@@ -97,9 +97,6 @@ def test_a_blocking_call_sees_the_abort_as_a_command_error(make_rig):
     check_io_works(r)
 
 
-@pytest.mark.xfail(strict=True, reason="driver bug: the Abort deadline is keyed by (qid, cid); "
-                   "after a successful abort the CID is reused by the next command and "
-                   "_check_aborts resets the controller because of it")
 def test_a_successful_abort_does_not_reset_when_the_cid_is_reused(make_rig):
     r = make_rig(opts=opts(1.0, abort_timeout_s=0.1))
     r.emu.hold(NvmOpcode.READ, count=1)
