@@ -4,7 +4,6 @@ Bring-up and registers, every admin command, NVM I/O with PRPs and SGLs, queue w
 phase flips, full completion queues, shadow doorbells, DMA faults, and every fault injection.
 """
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st_

@@ -1,0 +1,1429 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The generic block-device layer.
+
+A `Bdev` is a block device with a module behind it (malloc, null, nvme, aio, ...). Applications
+`open_bdev(name)` to get a `Descriptor`, take this thread's `BdevChannel` from it, and submit I/O
+with a completion callback; the channel's poller (on the env Thread that owns the channel) finishes
+completions, so `thread.poll()` - or a blocking `*_sync` helper - drives everything.
+
+What the layer does between the caller and the module, in the spirit of SPDK's lib/bdev:
+- validates every I/O at submission (descriptor open and writable, channel of this thread and this
+  bdev, range inside the device, I/O type supported) and refuses bad ones with an error before the
+  module sees them;
+- bounces buffers the module cannot use (misaligned for it, or not DMA memory for a real device)
+  through DMA memory, copying in before a write and out after a read;
+- splits I/O at the module's maximum transfer and, when asked, at the optimal I/O boundary;
+- emulates Write Zeroes with writes of a zero buffer where the module lacks it;
+- queues I/O the module refuses for lack of resources (-ENOMEM) and resubmits it from the poller;
+- never completes an I/O inside its own submission (the completion is deferred to the poller), so
+  callbacks that resubmit never recurse;
+- counts per-channel statistics (SPDK's iostat fields, in TSC ticks) and optional latency
+  histograms.
+
+Every I/O accepted by a submission function completes exactly once, through its callback.
+The C-level path (`bdev_submit`, `bdev_io_cb`) creates no Python object per I/O; the Python path
+(`Descriptor.read` & co.) calls `cb(success, status)` with `status` None on success.
+"""
+import logging
+import threading
+import uuid as _uuid
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
+from libc.errno cimport (EACCES, EBADF, EINVAL, ENODEV, ENOMEM, EOPNOTSUPP, EPERM, ERANGE, EXDEV)
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memcpy, memset
+from posix.uio cimport iovec
+
+from env.histogram cimport Histogram
+from env.memmap cimport IOVA_INVALID, vtophys
+from env.memory cimport DmaBuffer
+from env.thread cimport IoChannel, IoDevice, Poller, Thread
+from env.ticks cimport get_ticks
+
+from bdev.errors import (BdevClaimed, BdevError, BdevExists, BdevNotFound, BdevRemoved,
+                         DescriptorClosed, IoError, ReadOnlyDescriptor, UnsupportedIoType)
+from env import memory as _memory
+from env.errors import InvalidArgument, ResourceExhausted, WrongThreadError
+from env.thread import current_thread
+
+log = logging.getLogger("userblk.bdev")
+
+IO_TYPE_NAMES = {BDEV_IO_READ: "read", BDEV_IO_WRITE: "write",
+                 BDEV_IO_WRITE_ZEROES: "write_zeroes", BDEV_IO_UNMAP: "unmap",
+                 BDEV_IO_FLUSH: "flush", BDEV_IO_RESET: "reset", BDEV_IO_COMPARE: "compare"}
+IO_TYPES = {v: k for k, v in IO_TYPE_NAMES.items()}
+STATUS_NAMES = {IO_SUCCESS: "success", IO_FAILED: "failed", IO_NOMEM: "nomem",
+                IO_NVME_ERROR: "nvme_error", IO_MISCOMPARE: "miscompare", IO_ABORTED: "aborted"}
+
+cdef enum:
+    DEFAULT_CHANNEL_IOS = 4096
+    MAX_SPLIT_INFLIGHT = 32
+    NOMEM_RETRY_BUDGET = 64
+    ZERO_BUFFER_SIZE = 1 << 20
+
+cdef uint32_t _WRITE_TYPES = ((1 << BDEV_IO_WRITE) | (1 << BDEV_IO_WRITE_ZEROES)
+                              | (1 << BDEV_IO_UNMAP) | (1 << BDEV_IO_FLUSH))
+cdef uint32_t _DATA_TYPES = (1 << BDEV_IO_READ) | (1 << BDEV_IO_WRITE) | (1 << BDEV_IO_COMPARE)
+cdef uint32_t _RANGE_TYPES = _DATA_TYPES | (1 << BDEV_IO_WRITE_ZEROES) | (1 << BDEV_IO_UNMAP)
+
+# the zero buffer behind emulated Write Zeroes (DMA memory, so every module can use it)
+cdef object _zero_buf = None
+cdef char* _zero_ptr = NULL
+
+
+cdef char* _zero_buffer() noexcept with gil:
+    global _zero_buf, _zero_ptr
+    if _zero_ptr == NULL:
+        _zero_buf = _memory.allocate(ZERO_BUFFER_SIZE, zero=True)
+        _zero_ptr = (<DmaBuffer> _zero_buf).data()
+    return _zero_ptr
+
+
+# ---- registry ---------------------------------------------------------------------------------
+_registry = {}            # name or alias -> Bdev
+_registry_lock = threading.RLock()
+
+
+def get_bdev(name):
+    """The registered bdev called `name` (or with that alias)."""
+    with _registry_lock:
+        try:
+            return _registry[name]
+        except KeyError:
+            known = ", ".join(sorted({b.name for b in _registry.values()})) or "none"
+            raise BdevNotFound(f"no bdev named {name!r} (registered: {known})", name) from None
+
+
+def bdevs():
+    """Every registered bdev, by name."""
+    with _registry_lock:
+        return sorted({id(b): b for b in _registry.values()}.values(), key=lambda b: b.name)
+
+
+def open_bdev(name, write=False, event_cb=None):
+    """A Descriptor of bdev `name`. `write=True` allows writes (refused on a bdev claimed by a
+    module); `event_cb(event, bdev)` hears of "remove" (hot removal) and "resize"."""
+    if event_cb is not None and not callable(event_cb):
+        raise InvalidArgument(f"event_cb must be callable, not {event_cb!r}")
+    b = get_bdev(name) if not isinstance(name, Bdev) else name
+    return (<Bdev> b)._open(bool(write), event_cb)
+
+
+# ---- the I/O status seen by Python callbacks ----------------------------------------------------
+class IoStatus:
+    """Why an I/O failed: `kind` (failed, nvme_error, miscompare, aborted), and for NVMe devices
+    the NVMe status (`nvme`, an nvme.status.NvmeStatus) and completion dword 0."""
+    __slots__ = ("kind", "nvme", "cdw0", "io_type", "offset_blocks", "num_blocks", "bdev")
+
+    def __init__(self, kind, nvme=None, cdw0=0, io_type=None, offset_blocks=0, num_blocks=0,
+                 bdev=None):
+        self.kind, self.nvme, self.cdw0 = kind, nvme, cdw0
+        self.io_type, self.offset_blocks, self.num_blocks, self.bdev = (io_type, offset_blocks,
+                                                                       num_blocks, bdev)
+
+    @property
+    def ok(self):
+        return self.kind == "success"
+
+    def __repr__(self):
+        nv = f", nvme={self.nvme}" if self.nvme is not None else ""
+        return (f"IoStatus({self.kind}{nv}, {self.io_type} of {self.bdev} at block "
+                f"{self.offset_blocks}+{self.num_blocks})")
+
+    def __str__(self):
+        nv = f" ({self.nvme})" if self.nvme is not None else ""
+        return (f"{self.io_type} of {self.num_blocks} blocks at {self.offset_blocks} on "
+                f"{self.bdev}: {self.kind}{nv}")
+
+
+cdef object _status_of(bdev_io* io):
+    nvme = None
+    if io.status == IO_NVME_ERROR or io.nvme_status:
+        from nvme.status import NvmeStatus
+        nvme = NvmeStatus.decode((io.nvme_status << 1) & 0xFFFE)
+    return IoStatus(STATUS_NAMES.get(io.status, "failed"), nvme, io.nvme_cdw0,
+                    IO_TYPE_NAMES.get(io.type), io.offset_blocks, io.num_blocks,
+                    (<Bdev> io.bdev).name)
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+cdef inline void _stats_init(bdev_stats* s) noexcept nogil:
+    memset(s, 0, sizeof(bdev_stats))
+    s.min_read_latency_ticks = <uint64_t> -1
+    s.min_write_latency_ticks = <uint64_t> -1
+    s.min_unmap_latency_ticks = <uint64_t> -1
+
+
+cdef inline void _stats_add(bdev_stats* into, const bdev_stats* s) noexcept nogil:
+    into.bytes_read += s.bytes_read
+    into.num_read_ops += s.num_read_ops
+    into.bytes_written += s.bytes_written
+    into.num_write_ops += s.num_write_ops
+    into.bytes_unmapped += s.bytes_unmapped
+    into.num_unmap_ops += s.num_unmap_ops
+    into.read_latency_ticks += s.read_latency_ticks
+    into.write_latency_ticks += s.write_latency_ticks
+    into.unmap_latency_ticks += s.unmap_latency_ticks
+    into.max_read_latency_ticks = max(into.max_read_latency_ticks, s.max_read_latency_ticks)
+    into.max_write_latency_ticks = max(into.max_write_latency_ticks, s.max_write_latency_ticks)
+    into.max_unmap_latency_ticks = max(into.max_unmap_latency_ticks, s.max_unmap_latency_ticks)
+    into.min_read_latency_ticks = min(into.min_read_latency_ticks, s.min_read_latency_ticks)
+    into.min_write_latency_ticks = min(into.min_write_latency_ticks, s.min_write_latency_ticks)
+    into.min_unmap_latency_ticks = min(into.min_unmap_latency_ticks, s.min_unmap_latency_ticks)
+    into.num_other_ops += s.num_other_ops
+    into.io_errors += s.io_errors
+    into.nomem_retries += s.nomem_retries
+
+
+cdef inline void _account(BdevChannel ch, bdev_io* io, bint ok) noexcept nogil:
+    cdef bdev_stats* s = &ch.counters
+    cdef uint64_t ticks = get_ticks() - io.submit_tick
+    cdef uint64_t nbytes = io.num_blocks << (<Bdev> io.bdev).block_shift
+    if not ok:
+        s.io_errors += 1
+    elif io.type == BDEV_IO_READ:
+        s.num_read_ops += 1
+        s.bytes_read += nbytes
+        s.read_latency_ticks += ticks
+        if ticks > s.max_read_latency_ticks:
+            s.max_read_latency_ticks = ticks
+        if ticks < s.min_read_latency_ticks:
+            s.min_read_latency_ticks = ticks
+    elif io.type == BDEV_IO_WRITE:
+        s.num_write_ops += 1
+        s.bytes_written += nbytes
+        s.write_latency_ticks += ticks
+        if ticks > s.max_write_latency_ticks:
+            s.max_write_latency_ticks = ticks
+        if ticks < s.min_write_latency_ticks:
+            s.min_write_latency_ticks = ticks
+    elif io.type == BDEV_IO_UNMAP:
+        s.num_unmap_ops += 1
+        s.bytes_unmapped += nbytes
+        s.unmap_latency_ticks += ticks
+        if ticks > s.max_unmap_latency_ticks:
+            s.max_unmap_latency_ticks = ticks
+        if ticks < s.min_unmap_latency_ticks:
+            s.min_unmap_latency_ticks = ticks
+    else:
+        s.num_other_ops += 1
+    if ch.histogram is not None and ok:
+        ch.histogram.tally(ticks)
+
+
+cdef dict _stats_dict(const bdev_stats* s):
+    def lo(v):
+        return 0 if v == <uint64_t> -1 else v
+    return {"bytes_read": s.bytes_read, "num_read_ops": s.num_read_ops,
+            "bytes_written": s.bytes_written, "num_write_ops": s.num_write_ops,
+            "bytes_unmapped": s.bytes_unmapped, "num_unmap_ops": s.num_unmap_ops,
+            "read_latency_ticks": s.read_latency_ticks,
+            "max_read_latency_ticks": s.max_read_latency_ticks,
+            "min_read_latency_ticks": lo(s.min_read_latency_ticks),
+            "write_latency_ticks": s.write_latency_ticks,
+            "max_write_latency_ticks": s.max_write_latency_ticks,
+            "min_write_latency_ticks": lo(s.min_write_latency_ticks),
+            "unmap_latency_ticks": s.unmap_latency_ticks,
+            "max_unmap_latency_ticks": s.max_unmap_latency_ticks,
+            "min_unmap_latency_ticks": lo(s.min_unmap_latency_ticks),
+            "num_other_ops": s.num_other_ops, "io_error": s.io_errors,
+            "nomem_retries": s.nomem_retries}
+
+
+# ---- completion ---------------------------------------------------------------------------------
+cdef void bdev_io_complete(bdev_io* io, uint8_t status) noexcept nogil:
+    """Modules call this exactly once per I/O they accepted (any time, from the channel's
+    thread). An I/O completed inside its own submission finishes from the poller instead."""
+    _complete_on(<BdevChannel> io.channel, io, status)
+
+
+cdef void _complete_on(BdevChannel ch, bdev_io* io, uint8_t status) noexcept nogil:
+    ch.in_module -= 1
+    io.status = status
+    if status == IO_NOMEM:
+        _nomem_push(ch, io)
+        return
+    if io.flags & IOF_IN_SUBMIT:
+        io.next = NULL
+        if ch.done_tail == NULL:
+            ch.done_head = io
+        else:
+            ch.done_tail.next = io
+        ch.done_tail = io
+        return
+    _finish(ch, io)
+
+
+cdef void bdev_io_complete_nvme(bdev_io* io, uint16_t cqe_status, uint32_t cdw0) noexcept nogil:
+    """Complete with an NVMe completion's status field (phase bit included or not)."""
+    cdef uint16_t code = (cqe_status >> 1) & 0x7FF
+    io.nvme_status = (cqe_status >> 1) & 0x7FFF
+    io.nvme_cdw0 = cdw0
+    if code == 0:
+        bdev_io_complete(io, IO_SUCCESS)
+    elif code == 0x285:       # SCT 2 (media), SC 85h: Compare Failure
+        bdev_io_complete(io, IO_MISCOMPARE)
+    elif (code >> 8) == 0 and (code & 0xFF) in (0x07, 0x08):     # aborted by request / SQ deletion
+        bdev_io_complete(io, IO_ABORTED)
+    else:
+        bdev_io_complete(io, IO_NVME_ERROR)
+
+
+cdef inline void _nomem_push(BdevChannel ch, bdev_io* io) noexcept nogil:
+    io.next = NULL
+    if ch.nomem_tail == NULL:
+        ch.nomem_head = io
+    else:
+        ch.nomem_tail.next = io
+    ch.nomem_tail = io
+
+
+cdef void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
+    cdef bint ok = io.status == IO_SUCCESS
+    if io.flags & IOF_CHILD:
+        _child_done(ch, io)
+        return
+    _account(ch, io, ok)
+    if io.flags & IOF_BOUNCE:
+        _bounce_finish(io, ok)
+    if io.flags & IOF_OWN_IOVS:
+        free(io.iovs)
+    if io.flags & IOF_PY:
+        _py_finish(io, ok)
+    elif io.cb != NULL:
+        io.cb(io, ok, io.cb_arg)
+    ch.put_io(io)
+
+
+cdef void _bounce_finish(bdev_io* io, bint ok) noexcept nogil:
+    cdef uint32_t i
+    cdef char* src
+    if ok and io.type == BDEV_IO_READ:
+        src = <char*> io.iov.iov_base
+        for i in range(io.user_iovcnt):
+            memcpy(io.user_iovs[i].iov_base, src, io.user_iovs[i].iov_len)
+            src += io.user_iovs[i].iov_len
+    with gil:
+        Py_XDECREF(io.bounce_ref)
+    io.bounce_ref = NULL
+
+
+cdef void _py_finish(bdev_io* io, bint ok) noexcept nogil:
+    with gil:
+        cb = <object> io.py_cb if io.py_cb != NULL else None
+        ref = <object> io.py_ref if io.py_ref != NULL else None
+        status = None if ok else _status_of(io)
+        Py_XDECREF(io.py_cb)
+        Py_XDECREF(io.py_ref)
+        io.py_cb = io.py_ref = NULL
+        if isinstance(ref, DmaBuffer):
+            (<DmaBuffer> ref).unpin()
+        elif isinstance(ref, list):
+            for r in ref:
+                if isinstance(r, DmaBuffer):
+                    (<DmaBuffer> r).unpin()
+        if cb is not None:
+            try:
+                cb(ok, status)
+            except BaseException:
+                log.exception("completion callback %r raised", cb)
+
+
+# ---- splitting ----------------------------------------------------------------------------------
+cdef inline uint64_t _split_len(Bdev b, bdev_io* io, uint64_t off, uint64_t left) noexcept nogil:
+    """How many blocks the next child takes, starting at block `off` with `left` to go."""
+    cdef uint64_t n = left
+    cdef uint64_t to_boundary
+    if b.max_transfer_blocks and n > b.max_transfer_blocks and io.type != BDEV_IO_UNMAP:
+        n = b.max_transfer_blocks
+    if b.split_on_optimal_io_boundary and b.optimal_io_boundary:
+        to_boundary = b.optimal_io_boundary - off % b.optimal_io_boundary
+        if n > to_boundary:
+            n = to_boundary
+    if io.flags & IOF_EMULATED and n > (ZERO_BUFFER_SIZE >> b.block_shift):
+        n = ZERO_BUFFER_SIZE >> b.block_shift
+    return n
+
+
+cdef inline bint _needs_split(Bdev b, bdev_io* io) noexcept nogil:
+    if io.flags & IOF_EMULATED:
+        return True
+    if not ((_RANGE_TYPES >> io.type) & 1):
+        return False
+    return _split_len(b, io, io.offset_blocks, io.num_blocks) < io.num_blocks
+
+
+cdef int _child_iovs(bdev_io* parent, bdev_io* child, uint64_t byte_off, uint64_t nbytes) noexcept nogil:
+    """Point `child` at bytes [byte_off, byte_off+nbytes) of the parent's payload."""
+    cdef uint32_t i, first = 0, count = 0
+    cdef uint64_t pos = 0, start, take, skip
+    if parent.flags & IOF_EMULATED:
+        child.iov.iov_base = _zero_ptr
+        child.iov.iov_len = nbytes
+        child.iovs = &child.iov
+        child.iovcnt = 1
+        return 0
+    # find the parent segments the range covers
+    for i in range(parent.iovcnt):
+        if pos + parent.iovs[i].iov_len > byte_off:
+            break
+        pos += parent.iovs[i].iov_len
+    first = i
+    skip = byte_off - pos
+    if skip + nbytes <= parent.iovs[first].iov_len:
+        child.iov.iov_base = <char*> parent.iovs[first].iov_base + skip
+        child.iov.iov_len = nbytes
+        child.iovs = &child.iov
+        child.iovcnt = 1
+        return 0
+    # several segments: the child gets its own array
+    start = byte_off
+    i = first
+    take = 0
+    while take < nbytes and i < parent.iovcnt:
+        take += parent.iovs[i].iov_len - (skip if i == first else 0)
+        count += 1
+        i += 1
+    child.iovs = <iovec*> malloc(count * sizeof(iovec))
+    if child.iovs == NULL:
+        return -ENOMEM
+    child.flags |= IOF_OWN_IOVS
+    take = nbytes
+    for i in range(count):
+        child.iovs[i].iov_base = <char*> parent.iovs[first + i].iov_base + (skip if i == 0 else 0)
+        child.iovs[i].iov_len = min(take, parent.iovs[first + i].iov_len - (skip if i == 0 else 0))
+        take -= child.iovs[i].iov_len
+    child.iovcnt = count
+    return 0
+
+
+cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
+    """Issue children of `parent` until MAX_SPLIT_INFLIGHT are out or none is left."""
+    cdef bdev_io* child
+    cdef uint64_t end = parent.offset_blocks + parent.num_blocks
+    cdef uint64_t n
+    cdef int rc
+    while parent.split_next < end and parent.children_left < MAX_SPLIT_INFLIGHT:
+        child = ch.get_io()
+        if child == NULL:
+            if parent.children_left == 0:
+                # nothing outstanding would ever call us again: fail what is left
+                parent.child_status = IO_NOMEM
+                parent.split_next = end
+                break
+            return
+        n = _split_len(ch.bdev, parent, parent.split_next, end - parent.split_next)
+        child.type = BDEV_IO_WRITE if parent.flags & IOF_EMULATED else parent.type
+        child.offset_blocks = parent.split_next
+        child.num_blocks = n
+        child.parent = parent
+        child.flags = IOF_CHILD
+        child.submit_tick = parent.submit_tick
+        if (_DATA_TYPES >> child.type) & 1:
+            rc = _child_iovs(parent, child,
+                             (parent.split_next - parent.offset_blocks) << ch.bdev.block_shift,
+                             n << ch.bdev.block_shift)
+            if rc != 0:
+                ch.put_io(child)
+                parent.child_status = IO_FAILED
+                parent.split_next = end
+                break
+        parent.split_next += n
+        parent.children_left += 1
+        rc = _start(ch, child)
+        if rc != 0:
+            child.status = IO_FAILED
+            ch.in_module += 1        # _child_done's bookkeeping expects a module completion
+            bdev_io_complete(child, IO_FAILED)
+    if parent.children_left == 0:
+        parent.status = parent.child_status if parent.child_status else IO_SUCCESS
+        if parent.status == IO_NOMEM:
+            parent.status = IO_FAILED
+        _finish_parent(ch, parent)
+
+
+cdef void _child_done(BdevChannel ch, bdev_io* child) noexcept nogil:
+    cdef bdev_io* parent = child.parent
+    if child.status != IO_SUCCESS and not parent.child_status:
+        parent.child_status = child.status
+        parent.child_nvme_status = child.nvme_status
+        parent.nvme_cdw0 = child.nvme_cdw0
+    if child.flags & IOF_OWN_IOVS:
+        free(child.iovs)
+    ch.put_io(child)
+    parent.children_left -= 1
+    if parent.split_next < parent.offset_blocks + parent.num_blocks and not parent.child_status:
+        _split_issue(ch, parent)
+        return
+    if parent.children_left == 0:
+        parent.status = parent.child_status if parent.child_status else IO_SUCCESS
+        parent.nvme_status = parent.child_nvme_status
+        _finish_parent(ch, parent)
+
+
+cdef inline void _finish_parent(BdevChannel ch, bdev_io* parent) noexcept nogil:
+    parent.flags &= ~IOF_PARENT
+    _finish(ch, parent)
+
+
+# ---- submission ---------------------------------------------------------------------------------
+cdef int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
+    """Hand `io` to the module. 0: it will complete; negative errno: it was refused."""
+    cdef int rc
+    io.flags |= IOF_IN_SUBMIT
+    ch.in_module += 1
+    rc = ch.bdev.submit_request(ch, io)
+    io.flags &= ~IOF_IN_SUBMIT
+    if rc == 0:
+        return 0
+    ch.in_module -= 1
+    if rc == -ENOMEM:
+        _nomem_push(ch, io)
+        return 0
+    return rc
+
+
+cdef bint _usable(Bdev b, bdev_io* io) noexcept nogil:
+    """Can the module transfer to/from the caller's memory as it is?"""
+    cdef uint32_t i
+    cdef uint64_t va, n, left
+    for i in range(io.iovcnt):
+        va = <uint64_t> <uintptr_t> io.iovs[i].iov_base
+        if b.required_alignment > 1 and va & (b.required_alignment - 1):
+            return False
+        if b.dma_required:
+            left = io.iovs[i].iov_len
+            while left:
+                n = left
+                if vtophys(va, &n) == IOVA_INVALID:
+                    return False
+                va += n
+                left -= n
+    return True
+
+
+cdef int _bounce_setup(Bdev b, bdev_io* io) noexcept with gil:
+    """Route the payload through a DMA buffer (copied in now for writes/compares)."""
+    cdef uint64_t nbytes = io.num_blocks << b.block_shift
+    cdef uint32_t i
+    cdef char* dst
+    try:
+        buf = _memory.allocate(max(nbytes, 4096), max(4096, b.required_alignment))
+    except BaseException:
+        return -ENOMEM
+    Py_INCREF(buf)
+    io.bounce_ref = <PyObject*> buf
+    io.user_iovs = io.iovs
+    io.user_iovcnt = io.iovcnt
+    dst = (<DmaBuffer> buf).data()
+    if io.type != BDEV_IO_READ:
+        for i in range(io.iovcnt):
+            memcpy(dst, io.iovs[i].iov_base, io.iovs[i].iov_len)
+            dst += io.iovs[i].iov_len
+    io.iov.iov_base = (<DmaBuffer> buf).data()
+    io.iov.iov_len = nbytes
+    io.iovs = &io.iov
+    io.iovcnt = 1
+    io.flags |= IOF_BOUNCE
+    return 0
+
+
+cdef int _check(Descriptor desc, BdevChannel ch, uint8_t type, uint64_t off,
+                uint64_t n) noexcept nogil:
+    if desc.closed:
+        return -EBADF
+    if desc.bdev.removed:
+        return -ENODEV
+    if <void*> ch.bdev != <void*> desc.bdev:
+        return -EINVAL
+    if not ch.on_owner():
+        return -EXDEV
+    if (_WRITE_TYPES >> type) & 1 and not desc.writable:
+        return -EACCES
+    if type == 0 or type >= BDEV_IO_NTYPES:
+        return -EINVAL
+    if not desc.bdev.supports(type):
+        if not (type == BDEV_IO_WRITE_ZEROES and desc.bdev.supports(BDEV_IO_WRITE)):
+            return -EOPNOTSUPP
+    if (_RANGE_TYPES >> type) & 1:
+        if n == 0 or off >= desc.bdev.num_blocks or n > desc.bdev.num_blocks - off:
+            return -ERANGE
+    return 0
+
+
+cdef int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
+    """The common tail of every submission: bounce, emulate, split or start. 0 or a negative
+    errno (then nothing was started and `io` is still the caller's)."""
+    cdef int rc
+    io.submit_tick = get_ticks()
+    if (_DATA_TYPES >> io.type) & 1 and not _usable(ch.bdev, io):
+        rc = _bounce_setup(ch.bdev, io)
+        if rc != 0:
+            return rc
+    if io.type == BDEV_IO_WRITE_ZEROES and not ch.bdev.supports(BDEV_IO_WRITE_ZEROES):
+        if _zero_buffer() == NULL:
+            return -ENOMEM
+        io.flags |= IOF_EMULATED
+    if _needs_split(ch.bdev, io):
+        io.flags |= IOF_PARENT
+        io.split_next = io.offset_blocks
+        io.children_left = 0
+        io.child_status = 0
+        # children complete through the poller at the earliest, so the parent's callback can
+        # never run inside this call
+        _split_issue(ch, io)
+        return 0
+    return _start(ch, io)
+
+
+cdef inline void _prepare(bdev_io* io, Descriptor desc, BdevChannel ch, uint8_t type,
+                          uint64_t off, uint64_t n, bdev_io_cb cb, void* cb_arg) noexcept nogil:
+    io.bdev = <void*> desc.bdev
+    io.channel = <void*> ch
+    io.type = type
+    io.offset_blocks = off
+    io.num_blocks = n
+    io.cb = cb
+    io.cb_arg = cb_arg
+
+
+cdef int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
+                     uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
+                     void* cb_arg) noexcept nogil:
+    """Submit an I/O of `type` on a contiguous buffer (NULL for types without data). 0: it will
+    complete through `cb` exactly once; negative errno: refused, nothing happened:
+    -EBADF closed descriptor, -ENODEV removed bdev, -EXDEV channel of another thread, -EINVAL
+    channel of another bdev, -EACCES read-only descriptor, -EOPNOTSUPP unsupported type, -ERANGE
+    range outside the bdev, -ENOMEM no free I/O object on this channel."""
+    cdef int rc = _check(desc, ch, type, offset_blocks, num_blocks)
+    cdef bdev_io* io
+    if rc != 0:
+        return rc
+    io = ch.get_io()
+    if io == NULL:
+        return -ENOMEM
+    _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
+    if (_DATA_TYPES >> type) & 1:
+        io.iov.iov_base = buf
+        io.iov.iov_len = num_blocks << desc.bdev.block_shift
+        io.iovs = &io.iov
+        io.iovcnt = 1
+    rc = _submit_io(ch, io)
+    if rc != 0:
+        ch.put_io(io)
+    return rc
+
+
+cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs,
+                      uint32_t iovcnt, uint64_t offset_blocks, uint64_t num_blocks,
+                      bdev_io_cb cb, void* cb_arg) noexcept nogil:
+    """Vectored variant of `bdev_submit`; the iovec array must stay valid until completion and
+    carry exactly num_blocks blocks."""
+    cdef uint64_t total = 0
+    cdef uint32_t i
+    cdef bdev_io* io
+    cdef int rc = _check(desc, ch, type, offset_blocks, num_blocks)
+    if rc != 0:
+        return rc
+    if iovcnt == 0 or not (_DATA_TYPES >> type) & 1:
+        return -EINVAL
+    for i in range(iovcnt):
+        total += iovs[i].iov_len
+    if total != num_blocks << desc.bdev.block_shift:
+        return -EINVAL
+    io = ch.get_io()
+    if io == NULL:
+        return -ENOMEM
+    _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
+    io.iovs = iovs
+    io.iovcnt = iovcnt
+    rc = _submit_io(ch, io)
+    if rc != 0:
+        ch.put_io(io)
+    return rc
+
+
+# ---- the channel --------------------------------------------------------------------------------
+cdef int _channel_poller(void* ctx) noexcept nogil:
+    return (<BdevChannel> ctx).poll()
+
+
+cdef class BdevChannel(IoChannel):
+    """This thread's channel to one bdev: its pool of I/O objects, its deferred completions, its
+    NOMEM queue and its statistics. Modules subclass it to keep per-thread state (a queue pair)."""
+
+    cdef bdev_io* get_io(self) noexcept nogil:
+        cdef bdev_io* io = self.free_ios
+        cdef uint32_t index
+        if io == NULL:
+            return NULL
+        self.free_ios = io.next
+        self.nfree -= 1
+        index = io.index
+        memset(io, 0, sizeof(bdev_io))
+        io.index = index
+        return io
+
+    cdef void put_io(self, bdev_io* io) noexcept nogil:
+        io.next = self.free_ios
+        self.free_ios = io
+        self.nfree += 1
+
+    cdef int poll(self) noexcept nogil:
+        cdef int work = 0
+        cdef bdev_io* io
+        cdef int rc
+        cdef int budget = NOMEM_RETRY_BUDGET
+        cdef bdev_io* batch = self.done_head
+        # only what was done before this poll: callbacks that resubmit add to a fresh list, so
+        # one poll never loops for ever on a device that completes at once
+        self.done_head = self.done_tail = NULL
+        while batch != NULL:
+            io = batch
+            batch = io.next
+            _finish(self, io)
+            work += 1
+        work += self.bdev.poll_channel(self)
+        while self.nomem_head != NULL and budget > 0:
+            io = self.nomem_head
+            self.nomem_head = io.next
+            if self.nomem_head == NULL:
+                self.nomem_tail = NULL
+            self.counters.nomem_retries += 1
+            budget -= 1
+            io.flags |= IOF_IN_SUBMIT
+            self.in_module += 1
+            rc = self.bdev.submit_request(self, io)
+            io.flags &= ~IOF_IN_SUBMIT
+            if rc == -ENOMEM:
+                self.in_module -= 1
+                io.next = self.nomem_head       # back at the head, in order
+                self.nomem_head = io
+                if self.nomem_tail == NULL:
+                    self.nomem_tail = io
+                break
+            if rc != 0:
+                self.in_module -= 1
+                io.status = IO_FAILED
+                _finish(self, io)
+            work += 1
+        return work
+
+    def _setup(self, Bdev bdev, uint32_t nios):
+        self.bdev = bdev
+        self.ios = <bdev_io*> calloc(nios, sizeof(bdev_io))
+        if self.ios == NULL:
+            raise MemoryError("cannot allocate the channel's I/O objects")
+        self.nios = nios
+        cdef long k
+        for k in range(<long> nios - 1, -1, -1):
+            self.ios[k].index = <uint32_t> k
+            self.ios[k].next = self.free_ios
+            self.free_ios = &self.ios[k]
+        self.nfree = nios
+        _stats_init(&self.counters)
+        if bdev._histograms:
+            self.histogram = Histogram()
+        self.poller = self.thread.register_c_poller(_channel_poller, <void*> self, 0,
+                                                    f"bdev:{bdev.name}", None)
+
+    def _teardown(self):
+        if self.poller is not None:
+            self.poller.unregister()
+            self.poller = None
+        if self.in_module or self.done_head != NULL or self.nomem_head != NULL:
+            # the module still owns I/O objects: keep the array (a leak beats a crash)
+            log.error("channel of %s on %s released with %d I/O(s) outstanding; not freeing its "
+                      "I/O objects", self.bdev.name, self.thread.name, self.in_module)
+            self.ios = NULL
+            return
+        free(self.ios)
+        self.ios = NULL
+        self.free_ios = NULL
+
+    def poll_now(self):
+        """Run this channel's completions now (the thread's poller does this on its own)."""
+        self.check_thread()
+        cdef int n
+        with nogil:
+            n = self.poll()
+        return n
+
+    @property
+    def outstanding(self):
+        """I/Os handed to the module and not yet completed, plus those waiting to retry."""
+        cdef uint32_t n = self.in_module
+        cdef bdev_io* io = self.done_head
+        while io != NULL:
+            n += 1
+            io = io.next
+        io = self.nomem_head
+        while io != NULL:
+            n += 1
+            io = io.next
+        return n
+
+    @property
+    def free_io_count(self):
+        return self.nfree
+
+    def stats(self):
+        return _stats_dict(&self.counters)
+
+    def __dealloc__(self):
+        if self.ios != NULL and self.in_module == 0:
+            free(self.ios)
+
+
+# ---- the bdev -----------------------------------------------------------------------------------
+cdef class Bdev(IoDevice):
+    """A block device. Modules subclass it (and BdevChannel), override `submit_request` (C) or
+    use `PyBdev` (Python), and `register()` it."""
+
+    channel_class = BdevChannel
+    channel_ios = DEFAULT_CHANNEL_IOS
+
+    def __init__(self, name, *, uint32_t block_size, uint64_t num_blocks, module, io_types,
+                 uuid=None, aliases=(), uint32_t write_unit_size=1,
+                 uint32_t optimal_io_boundary=0, bint split_on_optimal_io_boundary=False,
+                 uint64_t max_transfer_blocks=0, uint32_t required_alignment=1,
+                 bint dma_required=False, uint32_t md_size=0, product_name=None):
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise InvalidArgument(f"a bdev name is a non-empty string without spaces, not {name!r}")
+        if block_size < 512 or block_size & (block_size - 1):
+            raise InvalidArgument(f"block size must be a power of two of at least 512, not "
+                                  f"{block_size}")
+        if num_blocks == 0:
+            raise InvalidArgument("a bdev needs at least one block")
+        if required_alignment == 0 or required_alignment & (required_alignment - 1):
+            raise InvalidArgument("required_alignment must be a power of two")
+        if write_unit_size == 0:
+            raise InvalidArgument("write_unit_size must be at least 1 block")
+        IoDevice.__init__(self, name)
+        self.name = name
+        self.block_size = block_size
+        self.block_shift = block_size.bit_length() - 1
+        self.num_blocks = num_blocks
+        self.write_unit_size = write_unit_size
+        self.optimal_io_boundary = optimal_io_boundary
+        self.split_on_optimal_io_boundary = split_on_optimal_io_boundary
+        self.max_transfer_blocks = max_transfer_blocks
+        self.required_alignment = required_alignment
+        self.dma_required = dma_required
+        self.md_size = md_size
+        self.module = module
+        self.product_name = product_name or f"{module} disk"
+        self.uuid = _uuid.UUID(str(uuid)) if uuid is not None else _uuid.uuid4()
+        self.aliases = list(aliases)
+        self.supported_types = 0
+        for t in io_types:
+            if t not in IO_TYPES:
+                raise InvalidArgument(f"unknown I/O type {t!r}; known: {', '.join(IO_TYPES)}")
+            self.supported_types |= 1 << IO_TYPES[t]
+        self._descs = []
+        self._claim = None
+        _stats_init(&self._retired)
+        self._retired_hist = None
+
+    # -- the module interface --
+    cdef int submit_request(self, BdevChannel ch, bdev_io* io) noexcept nogil:
+        return -EOPNOTSUPP
+
+    cdef int poll_channel(self, BdevChannel ch) noexcept nogil:
+        return 0
+
+    def setup_channel(self, BdevChannel ch):
+        """Module hook: prepare the per-thread state of a new channel (on its thread)."""
+
+    def teardown_channel(self, BdevChannel ch):
+        """Module hook: release the per-thread state (on its thread)."""
+
+    def destruct(self):
+        """Module hook: free the device's resources once it is unregistered and closed."""
+
+    def driver_specific(self):
+        """Module facts for bdev_get_bdevs' "driver_specific" (JSON-friendly)."""
+        return {}
+
+    def config_json(self):
+        """The JSON-config entry ({"method", "params"}) that recreates this bdev, or None."""
+        return None
+
+    # -- channels (env.thread IoDevice) --
+    def create_channel_ctx(self, IoChannel channel):
+        cdef BdevChannel ch = <BdevChannel> channel
+        ch._setup(self, self.channel_ios)
+        try:
+            self.setup_channel(ch)
+        except BaseException:
+            ch._teardown()
+            raise
+        return None
+
+    def destroy_channel_ctx(self, IoChannel channel):
+        cdef BdevChannel ch = <BdevChannel> channel
+        # finish what is in flight first: a channel is only put when its user is done, but a
+        # module may still hold completions for it
+        cdef int spins = 0
+        while ch.outstanding and spins < 100000:
+            with nogil:
+                ch.poll()
+            spins += 1
+        _stats_add(&self._retired, &ch.counters)
+        if ch.histogram is not None:
+            if self._retired_hist is None:
+                self._retired_hist = Histogram()
+            self._retired_hist.merge(ch.histogram)
+        try:
+            self.teardown_channel(ch)
+        finally:
+            ch._teardown()
+
+    # -- registration, descriptors, claims --
+    def register(self):
+        """Make the bdev known by its name and aliases."""
+        with _registry_lock:
+            for n in [self.name] + self.aliases:
+                if n in _registry:
+                    raise BdevExists(f"a bdev named {n!r} is already registered", n)
+            for n in [self.name] + self.aliases:
+                _registry[n] = self
+        log.info("registered bdev %s (%s, %d x %d B)", self.name, self.module, self.num_blocks,
+                 self.block_size)
+        return self
+
+    def unregister(self):
+        """Remove the bdev: open descriptors hear "remove" and refuse new I/O; the module's
+        `destruct` runs once the last descriptor is closed."""
+        with _registry_lock:
+            if self.removed:
+                return
+            self.removed = True
+            for n in [self.name] + self.aliases:
+                if _registry.get(n) is self:
+                    del _registry[n]
+        for d in list(self._descs):
+            (<Descriptor> d)._notify("remove")
+        if not self._descs:
+            self._destruct()
+
+    def _destruct(self):
+        try:
+            self.destruct()
+        except Exception:
+            log.exception("destruct of %s failed", self.name)
+        log.info("bdev %s destroyed", self.name)
+
+    def _open(self, bint write, event_cb):
+        if self.removed:
+            raise BdevRemoved(f"bdev {self.name} was removed", self.name)
+        if write and self._claim is not None:
+            raise BdevClaimed(f"bdev {self.name} is claimed by {self._claim!r}: it cannot be "
+                              "opened for writing", self.name)
+        cdef Descriptor d = Descriptor.__new__(Descriptor)
+        d.bdev = self
+        d.writable = write
+        d.event_cb = event_cb
+        self._descs.append(d)
+        return d
+
+    def _closed(self, Descriptor d):
+        if d in self._descs:
+            self._descs.remove(d)
+        if self.removed and not self._descs:
+            self._destruct()
+
+    def claim(self, owner, Descriptor desc=None):
+        """Claim the bdev for `owner` (a module or virtual bdev): nobody else may open it for
+        writing. Fails when another descriptor already writes."""
+        if self._claim is not None and self._claim is not owner:
+            raise BdevClaimed(f"bdev {self.name} is already claimed by {self._claim!r}", self.name)
+        writers = [d for d in self._descs if (<Descriptor> d).writable and d is not desc]
+        if writers:
+            raise BdevClaimed(f"bdev {self.name} is open for writing by someone else", self.name)
+        self._claim = owner
+
+    def release_claim(self, owner):
+        if self._claim is owner:
+            self._claim = None
+
+    @property
+    def claimed_by(self):
+        return self._claim
+
+    @property
+    def open_descriptors(self):
+        return len(self._descs)
+
+    # -- facts --
+    @property
+    def io_types(self):
+        return sorted(n for t, n in IO_TYPE_NAMES.items() if self.supports(t))
+
+    def io_type_supported(self, name):
+        return name in IO_TYPES and self.supports(IO_TYPES[name])
+
+    @property
+    def size(self):
+        return self.num_blocks * self.block_size
+
+    def stats(self):
+        """SPDK iostat fields (latencies in ticks; `tick_rate` converts), summed over every
+        channel, those already gone included."""
+        from env.ticks import ticks_hz
+        cdef bdev_stats total
+        _stats_init(&total)
+        _stats_add(&total, &self._retired)
+        for ch in list(self._channels.values()):
+            if (<BdevChannel> ch).ios != NULL:
+                _stats_add(&total, &(<BdevChannel> ch).counters)
+        out = _stats_dict(&total)
+        out["name"] = self.name
+        out["tick_rate"] = ticks_hz()
+        return out
+
+    def enable_histogram(self, bint enable=True):
+        """Latency histograms for channels created from now on (SPDK: bdev_enable_histogram)."""
+        self._histograms = enable
+
+    def histogram(self):
+        """Latencies (ticks) of every channel merged, or None when histograms are off."""
+        h = Histogram()
+        if self._retired_hist is not None:
+            h.merge(self._retired_hist)
+        for ch in list(self._channels.values()):
+            if (<BdevChannel> ch).histogram is not None:
+                h.merge((<BdevChannel> ch).histogram)
+        return h
+
+    def info(self):
+        """bdev_get_bdevs' description of this bdev."""
+        return {
+            "name": self.name, "aliases": list(self.aliases), "product_name": self.product_name,
+            "block_size": self.block_size, "num_blocks": self.num_blocks,
+            "uuid": str(self.uuid), "md_size": self.md_size,
+            "write_unit_size": self.write_unit_size,
+            "optimal_io_boundary": self.optimal_io_boundary,
+            "required_alignment": self.required_alignment.bit_length() - 1,
+            "claimed": self._claim is not None,
+            "supported_io_types": {n: self.supports(t) for t, n in IO_TYPE_NAMES.items()},
+            "driver_specific": {self.module: self.driver_specific()},
+        }
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.name} {self.num_blocks} x {self.block_size} B"
+                f"{' removed' if self.removed else ''}>")
+
+
+# ---- descriptors and the Python I/O API ---------------------------------------------------------
+_ERRNO_TEXT = {EBADF: "the descriptor is closed", ENODEV: "the bdev was removed",
+               EXDEV: "the channel belongs to another thread",
+               EINVAL: "invalid arguments (a channel of another bdev, or an iovec that does not "
+                       "match the length)",
+               EACCES: "the descriptor is read-only (open it with write=True)",
+               EOPNOTSUPP: "the bdev does not support this I/O type",
+               ERANGE: "the range is outside the bdev", ENOMEM: "no free I/O object"}
+
+
+def _need_channel(ch):
+    if not isinstance(ch, BdevChannel):
+        raise InvalidArgument(f"ch must be a BdevChannel (desc.get_io_channel()), not "
+                              f"{type(ch).__name__}")
+
+
+cdef class Descriptor:
+    """An open bdev. I/O goes through a channel of the calling thread:
+    `ch = desc.get_io_channel()`; `desc.read(ch, buf, offset, nbytes, cb)`; poll the thread."""
+
+    def __dealloc__(self):
+        pass
+
+    def close(self):
+        """Close the descriptor (channels taken from it must be put first)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.bdev._closed(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _notify(self, event):
+        if self.event_cb is not None:
+            try:
+                self.event_cb(event, self.bdev)
+            except Exception:
+                log.exception("event callback of a descriptor of %s raised", self.bdev.name)
+
+    def get_io_channel(self):
+        """This thread's channel to the bdev (created on first use, reference counted: `put()`
+        it, or use it as a context manager)."""
+        if self.closed:
+            raise DescriptorClosed(f"descriptor of {self.bdev.name} is closed", self.bdev.name)
+        if self.bdev.removed:
+            raise BdevRemoved(f"bdev {self.bdev.name} was removed", self.bdev.name)
+        return self.bdev.get_io_channel()
+
+    def _raise(self, int rc, uint8_t type, BdevChannel ch=None):
+        name = self.bdev.name
+        what = IO_TYPE_NAMES.get(type, str(type))
+        rc = -rc
+        if rc == EBADF:
+            raise DescriptorClosed(f"{what} on {name}: the descriptor is closed", name)
+        if rc == ENODEV:
+            raise BdevRemoved(f"{what} on {name}: the bdev was removed", name)
+        if rc == EXDEV:
+            ch.check_thread()
+            raise WrongThreadError(f"{what} on {name}: the channel belongs to another thread")
+        if rc == EACCES:
+            raise ReadOnlyDescriptor(f"{what} on {name}: the descriptor is read-only (open it "
+                                     "with write=True)", name)
+        if rc == EOPNOTSUPP:
+            raise UnsupportedIoType(f"{name} ({self.bdev.module}) does not support {what}; it "
+                                    f"supports {', '.join(self.bdev.io_types)}", name)
+        if rc == ERANGE:
+            raise InvalidArgument(f"{what} on {name}: the block range is empty or outside the "
+                                  f"bdev ({self.bdev.num_blocks} blocks)")
+        if rc == ENOMEM:
+            raise ResourceExhausted(f"{what} on {name}: no free I/O object on this channel "
+                                    f"({ch.nios if ch is not None else '?'} in use); poll first")
+        raise InvalidArgument(f"{what} on {name}: {_ERRNO_TEXT.get(rc, f'errno {rc}')}")
+
+
+    def submit(self, ch, io_type, buf, uint64_t offset_blocks, uint64_t num_blocks, cb=None):
+        """Submit one I/O in blocks: `io_type` is a name (read, write, write_zeroes, unmap,
+        flush, reset, compare); `buf` any buffer object (read: writable) or None; `cb(success,
+        status)` runs from the channel's thread's poll."""
+        cdef uint8_t t
+        cdef BdevChannel c
+        cdef bdev_io* io
+        cdef Py_buffer view
+        cdef int rc
+        cdef DmaBuffer dbuf
+        cdef uint64_t need
+        _need_channel(ch)
+        c = <BdevChannel> ch
+        try:
+            t = IO_TYPES[io_type] if not isinstance(io_type, int) else io_type
+        except KeyError:
+            raise InvalidArgument(f"unknown I/O type {io_type!r}; known: "
+                                  f"{', '.join(IO_TYPES)}") from None
+        if cb is not None and not callable(cb):
+            raise InvalidArgument(f"cb must be callable, not {cb!r}")
+        rc = _check(self, c, t, offset_blocks, num_blocks)
+        if rc != 0:
+            self._raise(rc, t, c)
+        io = c.get_io()
+        if io == NULL:
+            self._raise(-ENOMEM, t, c)
+        _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
+        ref = None
+        if (_DATA_TYPES >> t) & 1:
+            need = num_blocks << self.bdev.block_shift
+            if buf is None:
+                c.put_io(io)
+                raise InvalidArgument(f"{IO_TYPE_NAMES[t]} needs a buffer")
+            if isinstance(buf, DmaBuffer):
+                dbuf = <DmaBuffer> buf
+                if dbuf.freed:
+                    c.put_io(io)
+                    dbuf.check_live()
+                if dbuf.nbytes() < need:
+                    c.put_io(io)
+                    raise InvalidArgument(f"the buffer holds {dbuf.nbytes()} bytes; "
+                                          f"{num_blocks} blocks need {need}")
+                io.iov.iov_base = dbuf.data()
+                dbuf.pin()
+                ref = buf
+            else:
+                try:
+                    mv = memoryview(buf)
+                    if t == BDEV_IO_READ and mv.readonly:
+                        raise InvalidArgument("a read needs a writable buffer")
+                    if not mv.c_contiguous:
+                        raise InvalidArgument("the buffer must be contiguous")
+                    if mv.nbytes < need:
+                        raise InvalidArgument(f"the buffer holds {mv.nbytes} bytes; "
+                                              f"{num_blocks} blocks need {need}")
+                    PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+                except BaseException:
+                    c.put_io(io)
+                    raise
+                io.iov.iov_base = view.buf
+                PyBuffer_Release(&view)      # `mv` keeps the export alive until completion
+                ref = mv
+            io.iov.iov_len = need
+            io.iovs = &io.iov
+            io.iovcnt = 1
+        io.flags = IOF_PY
+        if cb is not None:
+            Py_INCREF(cb)
+            io.py_cb = <PyObject*> cb
+        if ref is not None:
+            Py_INCREF(ref)
+            io.py_ref = <PyObject*> ref
+        rc = _submit_io(c, io)
+        if rc != 0:
+            if isinstance(ref, DmaBuffer):
+                (<DmaBuffer> ref).unpin()
+            Py_XDECREF(io.py_cb)
+            Py_XDECREF(io.py_ref)
+            io.py_cb = io.py_ref = NULL
+            c.put_io(io)
+            self._raise(rc, t, c)
+
+    def submitv(self, ch, io_type, buffers, uint64_t offset_blocks, cb=None):
+        """Vectored read/write/compare: `buffers` is a list of buffer objects (DmaBuffers or
+        any contiguous buffers); their lengths add up to whole blocks."""
+        cdef uint8_t t
+        cdef BdevChannel c
+        cdef bdev_io* io
+        cdef Py_buffer view
+        cdef uint32_t i, n
+        cdef int rc
+        _need_channel(ch)
+        c = <BdevChannel> ch
+        t = IO_TYPES.get(io_type, 0) if not isinstance(io_type, int) else io_type
+        if not (_DATA_TYPES >> t) & 1:
+            raise InvalidArgument(f"vectored I/O is read, write or compare, not {io_type!r}")
+        if cb is not None and not callable(cb):
+            raise InvalidArgument(f"cb must be callable, not {cb!r}")
+        views = [memoryview(b) for b in buffers]
+        n = len(views)
+        if n == 0:
+            raise InvalidArgument("no buffers")
+        total = sum(v.nbytes for v in views)
+        if total == 0 or total % self.bdev.block_size:
+            raise InvalidArgument(f"the buffers carry {total} bytes: not a whole number of "
+                                  f"{self.bdev.block_size}-byte blocks")
+        for v in views:
+            if t == BDEV_IO_READ and v.readonly:
+                raise InvalidArgument("a read needs writable buffers")
+            if not v.c_contiguous:
+                raise InvalidArgument("every buffer must be contiguous")
+        num_blocks = total // self.bdev.block_size
+        rc = _check(self, c, t, offset_blocks, num_blocks)
+        if rc != 0:
+            self._raise(rc, t, c)
+        io = c.get_io()
+        if io == NULL:
+            self._raise(-ENOMEM, t, c)
+        _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
+        io.iovs = <iovec*> malloc(n * sizeof(iovec))
+        if io.iovs == NULL:
+            c.put_io(io)
+            raise MemoryError()
+        io.iovcnt = n
+        io.flags = IOF_PY | IOF_OWN_IOVS
+        for i in range(n):
+            PyObject_GetBuffer(views[i], &view, PyBUF_SIMPLE)
+            io.iovs[i].iov_base = view.buf
+            io.iovs[i].iov_len = view.len
+            PyBuffer_Release(&view)
+        refs = [b if isinstance(b, DmaBuffer) else v for b, v in zip(buffers, views)]
+        for r in refs:
+            if isinstance(r, DmaBuffer):
+                (<DmaBuffer> r).pin()
+        if cb is not None:
+            Py_INCREF(cb)
+            io.py_cb = <PyObject*> cb
+        Py_INCREF(refs)
+        io.py_ref = <PyObject*> refs
+        rc = _submit_io(c, io)
+        if rc != 0:
+            for r in refs:
+                if isinstance(r, DmaBuffer):
+                    (<DmaBuffer> r).unpin()
+            Py_XDECREF(io.py_cb)
+            Py_XDECREF(io.py_ref)
+            free(io.iovs)
+            c.put_io(io)
+            self._raise(rc, t, c)
+
+    # -- convenience, in blocks and in bytes --
+    def _blocks(self, uint64_t offset, uint64_t nbytes):
+        cdef uint32_t bs = self.bdev.block_size
+        if offset % bs or nbytes % bs:
+            raise InvalidArgument(f"offset {offset} and length {nbytes} must be multiples of "
+                                  f"the block size {bs} of {self.bdev.name}")
+        return offset // bs, nbytes // bs
+
+    def _len(self, buf, nbytes):
+        if nbytes is not None:
+            return nbytes
+        if buf is None:
+            raise InvalidArgument("give nbytes (or a buffer)")
+        return len(buf) if isinstance(buf, DmaBuffer) else memoryview(buf).nbytes
+
+    def read_blocks(self, ch, buf, offset_blocks, num_blocks, cb=None):
+        self.submit(ch, BDEV_IO_READ, buf, offset_blocks, num_blocks, cb)
+
+    def write_blocks(self, ch, buf, offset_blocks, num_blocks, cb=None):
+        self.submit(ch, BDEV_IO_WRITE, buf, offset_blocks, num_blocks, cb)
+
+    def compare_blocks(self, ch, buf, offset_blocks, num_blocks, cb=None):
+        self.submit(ch, BDEV_IO_COMPARE, buf, offset_blocks, num_blocks, cb)
+
+    def write_zeroes_blocks(self, ch, offset_blocks, num_blocks, cb=None):
+        self.submit(ch, BDEV_IO_WRITE_ZEROES, None, offset_blocks, num_blocks, cb)
+
+    def unmap_blocks(self, ch, offset_blocks, num_blocks, cb=None):
+        self.submit(ch, BDEV_IO_UNMAP, None, offset_blocks, num_blocks, cb)
+
+    def read(self, ch, buf, uint64_t offset, nbytes=None, cb=None):
+        """Read `nbytes` (default: the buffer's length) at byte `offset` into `buf`."""
+        b, n = self._blocks(offset, self._len(buf, nbytes))
+        self.submit(ch, BDEV_IO_READ, buf, b, n, cb)
+
+    def write(self, ch, buf, uint64_t offset, nbytes=None, cb=None):
+        b, n = self._blocks(offset, self._len(buf, nbytes))
+        self.submit(ch, BDEV_IO_WRITE, buf, b, n, cb)
+
+    def compare(self, ch, buf, uint64_t offset, nbytes=None, cb=None):
+        b, n = self._blocks(offset, self._len(buf, nbytes))
+        self.submit(ch, BDEV_IO_COMPARE, buf, b, n, cb)
+
+    def readv(self, ch, buffers, uint64_t offset, cb=None):
+        if offset % self.bdev.block_size:
+            raise InvalidArgument(f"offset {offset} is not a multiple of the block size")
+        self.submitv(ch, BDEV_IO_READ, buffers, offset // self.bdev.block_size, cb)
+
+    def writev(self, ch, buffers, uint64_t offset, cb=None):
+        if offset % self.bdev.block_size:
+            raise InvalidArgument(f"offset {offset} is not a multiple of the block size")
+        self.submitv(ch, BDEV_IO_WRITE, buffers, offset // self.bdev.block_size, cb)
+
+    def write_zeroes(self, ch, uint64_t offset, uint64_t nbytes, cb=None):
+        b, n = self._blocks(offset, nbytes)
+        self.submit(ch, BDEV_IO_WRITE_ZEROES, None, b, n, cb)
+
+    def unmap(self, ch, uint64_t offset, uint64_t nbytes, cb=None):
+        b, n = self._blocks(offset, nbytes)
+        self.submit(ch, BDEV_IO_UNMAP, None, b, n, cb)
+
+    def flush(self, ch, cb=None, uint64_t offset=0, nbytes=None):
+        if nbytes is None:
+            self.submit(ch, BDEV_IO_FLUSH, None, 0, self.bdev.num_blocks, cb)
+        else:
+            b, n = self._blocks(offset, nbytes)
+            self.submit(ch, BDEV_IO_FLUSH, None, b, n, cb)
+
+    def reset(self, ch, cb=None):
+        """Reset the device (NVMe: a controller reset). I/O in flight completes, possibly with
+        an aborted status; the reset completes after it."""
+        self.submit(ch, BDEV_IO_RESET, None, 0, 0, cb)
+
+    # -- blocking helpers --
+    def wait(self, ch, submit, timeout=60.0):
+        """Run `submit(cb)` and poll this thread until the I/O completes; raise IoError on
+        failure."""
+        done = []
+        submit(lambda ok, status: done.append((ok, status)))
+        (<BdevChannel> ch).thread.run_until(lambda: done, timeout=timeout)
+        ok, status = done[0]
+        if not ok:
+            raise IoError(f"I/O failed: {status}", status, self.bdev.name)
+        return True
+
+    def read_sync(self, ch, buf, offset, nbytes=None):
+        return self.wait(ch, lambda cb: self.read(ch, buf, offset, nbytes, cb))
+
+    def write_sync(self, ch, buf, offset, nbytes=None):
+        return self.wait(ch, lambda cb: self.write(ch, buf, offset, nbytes, cb))
+
+    def compare_sync(self, ch, buf, offset, nbytes=None):
+        return self.wait(ch, lambda cb: self.compare(ch, buf, offset, nbytes, cb))
+
+    def readv_sync(self, ch, buffers, offset):
+        return self.wait(ch, lambda cb: self.readv(ch, buffers, offset, cb))
+
+    def writev_sync(self, ch, buffers, offset):
+        return self.wait(ch, lambda cb: self.writev(ch, buffers, offset, cb))
+
+    def write_zeroes_sync(self, ch, offset, nbytes):
+        return self.wait(ch, lambda cb: self.write_zeroes(ch, offset, nbytes, cb))
+
+    def unmap_sync(self, ch, offset, nbytes):
+        return self.wait(ch, lambda cb: self.unmap(ch, offset, nbytes, cb))
+
+    def flush_sync(self, ch):
+        return self.wait(ch, lambda cb: self.flush(ch, cb))
+
+    def reset_sync(self, ch):
+        return self.wait(ch, lambda cb: self.reset(ch, cb))
+
+    def __repr__(self):
+        return (f"<Descriptor {self.bdev.name} {'rw' if self.writable else 'ro'}"
+                f"{' closed' if self.closed else ''}>")
+
+
+# ---- modules written in Python ------------------------------------------------------------------
+cdef class PyIo:
+    """A pending I/O as a Python module sees it. Call `complete(status)` exactly once."""
+    cdef bdev_io* io
+    cdef readonly BdevChannel channel
+
+    @property
+    def type(self):
+        return IO_TYPE_NAMES[self.io.type]
+
+    @property
+    def offset_blocks(self):
+        return self.io.offset_blocks
+
+    @property
+    def num_blocks(self):
+        return self.io.num_blocks
+
+    def buffers(self):
+        """Writable memoryviews of the payload segments."""
+        cdef uint32_t i
+        if self.io == NULL:
+            raise BdevError("this I/O is already complete")
+        return [PyMemoryView_FromMemory(<char*> self.io.iovs[i].iov_base,
+                                        self.io.iovs[i].iov_len, PyBUF_WRITABLE)
+                for i in range(self.io.iovcnt)]
+
+    def complete(self, status="success"):
+        """`status`: "success", "failed", "nomem", "miscompare" or "aborted"."""
+        if self.io == NULL:
+            raise BdevError("this I/O was already completed")
+        codes = {v: k for k, v in STATUS_NAMES.items()}
+        if status not in codes:
+            raise InvalidArgument(f"unknown status {status!r}")
+        cdef bdev_io* io = self.io
+        self.io = NULL
+        bdev_io_complete(io, codes[status])
+
+
+cdef class PyBdev(Bdev):
+    """Base of bdevs whose module is written in Python: override `submit(io)` (a PyIo) and
+    complete each I/O exactly once with `io.complete(...)` (now or later, from the channel's
+    thread). Slower than a Cython module - a Python call per I/O - but the same contract."""
+
+    cdef int submit_request(self, BdevChannel ch, bdev_io* io) noexcept nogil:
+        with gil:
+            return self._py_submit(ch, io)
+
+    cdef int _py_submit(self, BdevChannel ch, bdev_io* io):
+        cdef PyIo p = PyIo.__new__(PyIo)
+        p.io = io
+        p.channel = ch
+        try:
+            r = self.submit(p)
+        except MemoryError:
+            return -ENOMEM
+        except BaseException:
+            log.exception("%s: submit raised; the I/O fails", self.name)
+            return -EINVAL
+        return 0 if r is None else int(r)
+
+    def submit(self, io):
+        raise NotImplementedError("PyBdev subclasses implement submit(io)")
