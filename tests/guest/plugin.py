@@ -23,11 +23,17 @@ and the image is cached or can be built here, and otherwise skips them with the 
 ``--guest=require`` turns those skips into failures (CI); ``--guest=off`` skips them all.
 Host-side tests that boot guests themselves (the harness self-tests) use the ``guest_image``
 fixture, which obeys the same option.
+
+PYTEST_DONT_REWRITE: loaded with -p in the guest, this module would be assertion-rewritten, i.e.
+recompiled under TCG in every boot, instead of using the .pyc the host keeps fresh.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import os
+import py_compile
 import re
 import shlex
 import shutil
@@ -36,13 +42,11 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.guest import report as guest_report
-from tests.guest.runner import EXIT_NO_STATUS, GuestConfig, GuestResult, GuestRun, Share, \
-    qemu_problem
+from tests.guest.runner import GuestConfig, GuestResult, GuestRun, Share, qemu_problem
 
 IN_GUEST_ENV = "USERBLK_IN_GUEST"
 CONFIG_ENV = "USERBLK_GUEST_CONFIG"
@@ -54,6 +58,7 @@ HOST_ONLY_ENV = re.compile(r"^USERBLK_(GUEST_|IN_GUEST$)")  # never forwarded in
 # Plugins that double pytest's start-up, which under TCG costs 4-5 s per guest module; they are
 # left out of the guest pytest unless the module or a conftest above it names the word.
 OPTIONAL_PLUGINS = {"hypothesispytest": "hypothesis", "benchmark": "benchmark"}
+SKIP_DIRS = {"__pycache__", "build", "dist", "node_modules", "venv", "results"}
 
 
 def in_guest() -> bool:
@@ -68,6 +73,27 @@ def guest_config_of(item: pytest.Item) -> GuestConfig:
             raise ValueError("pytest.mark.guest takes keyword arguments only (GuestConfig fields)")
         kwargs.update(mark.kwargs)
     return GuestConfig.from_kwargs(**kwargs)
+
+
+def _compile_if_stale(source: Path) -> None:
+    """Write ``__pycache__/<name>.<tag>.pyc`` for ``source`` unless a fresh one is there
+    (same source mtime and size in its header)."""
+    cfile = source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}.pyc"
+    try:
+        st = source.stat()
+        with open(cfile, "rb") as f:
+            header = f.read(16)
+        if header[:4] == importlib.util.MAGIC_NUMBER and header[4:8] == bytes(4) and \
+                int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF and \
+                int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF:
+            return
+    except OSError:
+        pass
+    try:
+        py_compile.compile(str(source), cfile=str(cfile), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    except (py_compile.PyCompileError, OSError):
+        pass  # then the guest compiles it in memory, as it would anyway
 
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -93,7 +119,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--guest-logs", default=None, metavar="DIR",
                     help="where guest runs keep their logs (default: $TMPDIR/userblk-guest-logs)")
     group.addoption("--guest-pytest-args", default="", metavar="ARGS",
-                    help="extra arguments for the pytest inside the guest (one shell-quoted string)")
+                    help="extra arguments for the pytest inside the guest "
+                         "(one shell-quoted string)")
     group.addoption("--guest-all-plugins", action="store_true",
                     help="load every pytest plugin in the guest (by default hypothesis and "
                          "benchmark are left out of modules that do not mention them)")
@@ -280,7 +307,7 @@ class HostSide:
                                       f"{group.start_problem}")
         path = guest_report.report_file(group.reports_dir, item.nodeid)
         while not path.exists():
-            if group.result is not None or group.run.poll() is not None:
+            if group.result is not None or group.run is None or group.run.poll() is not None:
                 self._collect(group)
                 break
             time.sleep(0.05)
@@ -293,11 +320,14 @@ class HostSide:
                                   f"(details under {group.first_unreported})")
 
     def _guest_reports(self, item: pytest.Item, group: _Group, path: Path) -> list:
-        import json
-        data = json.loads(path.read_text())
         group.reported.add(item.nodeid)
-        reports = [self.config.hook.pytest_report_from_serializable(config=self.config, data=d)
-                   for d in data["reports"]]
+        try:
+            data = json.loads(path.read_text())
+            reports = [self.config.hook.pytest_report_from_serializable(config=self.config,
+                                                                         data=d)
+                       for d in data["reports"]]
+        except Exception as e:  # a broken report must fail its test, not the whole session
+            return self._failed(item, f"unreadable guest report {path}: {type(e).__name__}: {e}")
         for rep in reports:
             if isinstance(rep.longrepr, list):  # a skip's (path, line, reason) after JSON
                 rep.longrepr = tuple(rep.longrepr)
@@ -405,14 +435,41 @@ class HostSide:
         if not sys.base_prefix.startswith("/usr"):
             add(sys.base_prefix)  # e.g. pyenv: the guest has only Debian's /usr/bin/python3
         stdlib = {Path(sysconfig.get_path(k)).resolve() for k in ("stdlib", "platstdlib")}
-        for entry in sys.path:  # site-packages outside the venv (system pip, --system-site-packages)
+        # site-packages outside the venv (system pip, a venv with --system-site-packages)
+        for entry in sys.path:
             if entry and os.path.isdir(entry) and Path(entry).resolve() not in stdlib \
                     and not any(s in Path(entry).resolve().parents for s in stdlib):
                 add(entry)
         shares = [Share(str(p)) for p in chosen]
         # no caching for the reports: the host reads each file as soon as the guest writes it
         shares.append(Share(str(logdir), cache="none"))
+        self._refresh_bytecode(chosen)
         return shares
+
+    def _refresh_bytecode(self, shared: list[Path]) -> None:
+        """Fresh .pyc files beside the shared Python sources, compiled here (natively).
+
+        The guest reads bytecode but must not write into the checkout, and under TCG compiling
+        a module costs ~30x what it costs here: a stale or missing .pyc (the host may run with
+        PYTHONDONTWRITEBYTECODE and never refresh __pycache__) costs seconds per guest module,
+        every boot. The guest's own standard library keeps its own __pycache__ (its Debian
+        build may differ from the host's, so the host's .pyc files would be stale there).
+        """
+        sources = set()
+        for module in list(sys.modules.values()):
+            source = getattr(module, "__file__", None)
+            if source and source.endswith(".py"):
+                sources.add(Path(source))
+        root = self.config.rootpath
+        for dirpath, dirnames, filenames in os.walk(root):
+            # not into virtual environments, VCS data, build trees (imported parts come above)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS
+                           and not os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg"))]
+            sources.update(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+        for source in sources:
+            real = source.resolve()
+            if any(s in real.parents for s in shared):
+                _compile_if_stale(source)
 
     def _guest_env(self, group: _Group) -> dict[str, str]:
         import tests
@@ -427,7 +484,7 @@ class HostSide:
             guest_report.REPORT_DIR_ENV: str(group.reports_dir),
             "PATH": f"{Path(sys.executable).parent}:{path}",
             "PYTHONPATH": str(Path(tests.__file__).resolve().parent.parent),
-            # the guest must not write bytecode into the host's checkout (it reads the host's)
+            # the guest reads the bytecode compiled here, never writes into the checkout
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONUNBUFFERED": "1",
         })
@@ -437,7 +494,8 @@ class HostSide:
     def _start(self, group: _Group) -> None:
         if self.active is not None and self.active is not group:
             self._finish(self.active)  # one guest at a time: two cores
-        group.logdir = self._session_logdir() / f"{group.index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', group.module)}"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", group.module)
+        group.logdir = self._session_logdir() / f"{group.index:02d}-{slug}"
         group.reports_dir.mkdir(parents=True)
         timeout = (group.config.timeout if group.explicit_timeout
                    else self.config.getoption("--guest-timeout") or DEFAULT_TIMEOUT)

@@ -8,6 +8,9 @@ re-creates them exactly: outcome, longrepr, captured output, skip reason, durati
 
 Files appear atomically (written aside, then renamed), named by a hash of the node id, so the
 host can wait for one test while the guest is still running the next.
+
+PYTEST_DONT_REWRITE: loaded with -p in the guest, this module would be assertion-rewritten, i.e.
+recompiled under TCG in every boot, instead of using the .pyc the host keeps fresh.
 """
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ class ReportWriter:
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         reports = self.pending.pop(nodeid, [])
-        write_atomically(report_file(self.directory, nodeid), {"nodeid": nodeid, "reports": reports})
+        write_atomically(report_file(self.directory, nodeid),
+                         {"nodeid": nodeid, "reports": reports})
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:

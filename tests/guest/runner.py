@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
@@ -116,8 +116,10 @@ class GuestConfig:
     nvme_ns: int = 1                     # namespaces per controller, nsid 1..N
     nvme_size: int = 1 << 30             # bytes per namespace (also "64M", "1G")
     nvme_opts: str = ""                  # extra -device nvme properties: "mdts=2,max_ioqpairs=4"
-    ns_opts: str = ""                    # extra -device nvme-ns properties: "logical_block_size=4096"
-    nvme_backend: str = "file"           # file: sparse raw files; null: null-co (reads 0, drops writes)
+    ns_opts: str = ""                    # extra -device nvme-ns properties, e.g.
+    #                                      "logical_block_size=4096,physical_block_size=4096"
+    nvme_backend: str = "file"           # file: sparse raw files; null: null-co (reads zeroes,
+    #                                      drops writes: emulation cost only)
     null_latency_ns: int = 0             # null-co latency-ns: makes every command take that long
     nvme_image: str | None = None        # back controller 0 / namespace 1 with this file (kept)
     iommu: bool = True                   # intel-iommu; False: no vIOMMU (uio_pci_generic tests)
@@ -202,7 +204,8 @@ class GuestConfig:
             if f.name in ("shares", "env", "console_log", "timeout") \
                     or value == getattr(default, f.name):
                 continue
-            parts.append(f"{f.name}={_format_size(value) if f.name == 'nvme_size' else repr(value)}")
+            shown = _format_size(value) if f.name == "nvme_size" else repr(value)
+            parts.append(f"{f.name}={shown}")
         return ", ".join(parts) or "defaults"
 
     def to_json(self) -> str:
@@ -441,18 +444,19 @@ class GuestRun:
 
     # -- building the QEMU command --
 
-    def _drive_opts(self) -> str:
-        """cache.direct=on + io_uring (fastest, measured), or what this host supports."""
+    @staticmethod
+    def _drive_opts(directory: Path) -> str:
+        """cache.direct=on + io_uring (fastest, measured), or what the host and the file system
+        holding the backing file support."""
         aio = "io_uring"
         try:
             if Path("/proc/sys/kernel/io_uring_disabled").read_text().strip() != "0":
                 aio = "native"  # io_uring switched off on the host
         except OSError:
             pass
-        probe = self.rundir / "odirect-probe"
+        probe = directory / f".userblk-odirect-probe-{os.getpid()}"
         try:
-            fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
-            os.close(fd)
+            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600))
         except OSError:  # e.g. tmpfs: no O_DIRECT, so the page cache and a thread pool
             return "cache.direct=off,aio=threads"
         finally:
@@ -462,7 +466,6 @@ class GuestRun:
     def _nvme_args(self) -> list[str]:
         c = self.config
         args: list[str] = []
-        drive_opts = self._drive_opts() if c.nvme_backend == "file" else ""
         for ctrl in range(c.nvme_ctrls):
             dev = f"nvme,id=nvme{ctrl},serial=USERBLK{ctrl},addr={FIRST_NVME_SLOT + ctrl:#x}"
             args += ["-device", dev + (f",{c.nvme_opts}" if c.nvme_opts else "")]
@@ -485,7 +488,8 @@ class GuestRun:
                         with open(path, "wb") as f:  # sparse: costs no disk until written
                             f.truncate(c.nvme_size)
                     args += ["-blockdev", f"driver=file,node-name={node}f,"
-                                          f"filename={_quote_opt(path)},{drive_opts}",
+                                          f"filename={_quote_opt(path)},"
+                                          f"{self._drive_opts(path.parent)}",
                              "-blockdev", f"driver=raw,node-name={node},file={node}f"]
                 ns_dev = f"nvme-ns,drive={node},bus=nvme{ctrl},nsid={ns}"
                 args += ["-device", ns_dev + (f",{c.ns_opts}" if c.ns_opts else "")]
@@ -597,8 +601,8 @@ class GuestRun:
         # where no finally clause runs). setpriv execs QEMU, the death signal survives the exec.
         if shutil.which("setpriv"):
             cmd = ["setpriv", "--pdeathsig", "KILL", "--", *cmd]
-        out_sinks = [s for s in (self._stdout.extend if self.capture else None, self._out_sink) if s]
-        err_sinks = [s for s in (self._stderr.extend if self.capture else None, self._err_sink) if s]
+        out_sinks = [s for s in (self.capture and self._stdout.extend, self._out_sink) if s]
+        err_sinks = [s for s in (self.capture and self._stderr.extend, self._err_sink) if s]
         self._pumps = [_Pump(self.rundir / "stdout", out_sinks),
                        _Pump(self.rundir / "stderr", err_sinks)]
         for pump in self._pumps:
