@@ -149,6 +149,12 @@ cdef class Workload:
         """Ask a running `run()` (on another thread) to finish early."""
         self.cancel = True
 
+    @property
+    def completed(self):
+        """I/Os completed successfully so far in the current (or last) run(). Readable from
+        another thread while run() goes on, without a lock: a progress figure, approximate."""
+        return self.completed
+
     def run(self, double drain_timeout=30.0):
         """Run for `seconds` (without the GIL), wait for the I/Os in flight, return the figures."""
         if self.submit == NULL:
