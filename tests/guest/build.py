@@ -190,11 +190,13 @@ class _Builder:
         self.mounted: list[Path] = []
 
     def run(self, argv: list[str], what: str, **kw) -> subprocess.CompletedProcess:
+        # debootstrap, chroot, mkfs.ext4 live in sbin, which a root shell's PATH may lack (su)
+        env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
         with open(self.logfile, "a") as log:
             log.write(f"\n$ {' '.join(argv)}\n")
             log.flush()
             proc = subprocess.run(argv, stdout=kw.pop("stdout", log), stderr=log,
-                                  stdin=subprocess.DEVNULL, **kw)
+                                  stdin=subprocess.DEVNULL, env=env, **kw)
         if proc.returncode != 0:
             tail = "".join(self.logfile.read_text(errors="replace").splitlines(True)[-25:])
             raise BuildError(f"{what} failed (exit {proc.returncode}); log: {self.logfile}\n{tail}")
