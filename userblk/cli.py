@@ -3,6 +3,8 @@
     userblk env                 what this machine offers (hugepages, IOMMU, vfio/uio, NVMe devices)
     userblk identify [TRID]     Identify Controller/Namespace of an NVMe controller, like
                                 `nvme id-ctrl` + `nvme id-ns` (needs root; `emu` for the emulator)
+    userblk perf [OPTIONS]      a bdevperf-like workload generator (no options: 3 s of 4 KiB
+                                randread at QD 32 on a 64 MiB malloc bdev; see userblk/perf.py)
 """
 import argparse
 import json
@@ -55,6 +57,27 @@ def cmd_identify(args):
     return 0
 
 
+def cmd_perf(args):
+    from userblk import perf
+    try:
+        return perf.main(args)
+    except perf.UsageError as e:
+        print(f"userblk perf: error: {e}", file=sys.stderr)
+        return 2
+
+
+PERF_EPILOG = """\
+examples:
+  userblk perf                                   3 s randread, QD 32, 4 KiB, 64 MiB malloc bdev
+  userblk perf -w randrw -M 70 -q 64 -o 16k -t 10 -j 2
+  userblk perf --config stack.json -b Nvme0n1 -w randwrite -t 30 --results out.json
+  userblk perf -w verify -t 5                    write, read back, compare
+
+Each job is one (thread, bdev) pair with its own channel; its I/O loop runs in C without the GIL.
+Ctrl-C stops the run and prints the figures so far (exit status 130). Exit status 1 when I/Os
+failed or verify found miscompares, 2 for bad options."""
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="userblk", description="user-space, polled-mode block "
                                 "devices for Python")
@@ -76,6 +99,16 @@ def build_parser():
     i.add_argument("--keep", action="store_true", help="leave the device on vfio-pci/uio "
                    "afterwards instead of giving it back to the kernel driver")
     i.set_defaults(func=cmd_identify)
+
+    from userblk import perf
+    pf = sub.add_parser("perf", help="bdevperf-like workload generator (IOPS, MiB/s, latency "
+                        "percentiles) on a bdev stack; no options: 3 s randread on 64 MiB malloc",
+                        description="Measure a bdev stack like SPDK's bdevperf: queue depth, I/O "
+                        "size, workload, time, threads; a table of IOPS, MiB/s and latency "
+                        "percentiles per job and in total.", epilog=PERF_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    perf.add_arguments(pf)
+    pf.set_defaults(func=cmd_perf)
     return p
 
 
