@@ -483,6 +483,55 @@ def test_engine_errors_complete_with_failed(make, dio_dir, engine):
     buf.free()
 
 
+def test_channel_put_with_io_in_flight_completes_everything(dio_dir, engine):
+    """Releasing the last reference of a channel with I/O in flight: every I/O still completes
+    exactly once (while the channel is destroyed), then the engine's context is gone."""
+    path = new_file(dio_dir, 4 * MiB)
+    b = aio.create("AIOput", path, engine=engine)
+    try:
+        d = bdev.open_bdev("AIOput", write=True)
+        ch = d.get_io_channel()
+        c = Completions()
+        bufs = [allocate(64 * KiB) for _ in range(48)]
+        for i, buf in enumerate(bufs):
+            if i % 2:
+                memoryview(buf)[:] = bytes([i]) * (64 * KiB)
+                d.write(ch, buf, i * 64 * KiB, cb=c.cb(i))
+            else:
+                d.read(ch, buf, i * 64 * KiB, cb=c.cb(i))
+        expect = {i: file_bytes(path, i * 64 * KiB, 64 * KiB) for i in range(0, 48, 2)}
+        ch.put()
+        assert len(c.done) == 48 and all(ok for ok, _ in c.done.values())
+        assert ch.aio_stats()["inflight"] == 0
+        for i, buf in enumerate(bufs):
+            assert bytes(buf) == (expect[i] if i % 2 == 0 else bytes([i]) * (64 * KiB))
+        d.close()
+    finally:
+        aio.delete("AIOput")
+
+
+def test_delete_with_an_open_descriptor(dio_dir):
+    path = new_file(dio_dir, MiB)
+    events = []
+    b = aio.create("AIOdel", path)
+    d = bdev.open_bdev("AIOdel", event_cb=lambda ev, bd: events.append(ev))
+    aio.delete("AIOdel")
+    assert events == ["remove"] and b.fileno() >= 0       # open until the descriptor closes
+    with pytest.raises(bdev.BdevRemoved):
+        d.get_io_channel()
+    d.close()
+    assert b.fileno() == -1
+    with pytest.raises(bdev.BdevNotFound):
+        aio.delete("AIOdel")
+    with pytest.raises(InvalidArgument, match="not an aio bdev"):
+        from bdev import malloc
+        malloc.create("MallocNotAio", size=MiB)
+        try:
+            aio.delete("MallocNotAio")
+        finally:
+            malloc.delete("MallocNotAio")
+
+
 # ---- read-only ----------------------------------------------------------------------------------
 def test_readonly_refuses_writes(make, dio_dir):
     path = new_file(dio_dir, MiB)
@@ -713,6 +762,9 @@ def test_bad_input_names_the_file(tmp_path):
         aio.create("AIObad", ok, engine="threads")
     with pytest.raises(InvalidArgument, match="create_size"):
         aio.create("AIObad", tmp_path / "y.img", create_size=-1)
+    with pytest.raises(InvalidArgument, match="create_size 1000 is not a multiple"):
+        aio.create("AIObad", tmp_path / "y.img", create_size=1000)
+    assert not (tmp_path / "y.img").exists()
     with pytest.raises(aio.AioFileError, match="no-such-dir"):
         aio.create("AIObad", tmp_path / "no-such-dir" / "z.img", create_size=MiB)
     with pytest.raises(InvalidArgument, match="neither a regular file nor a block device"):
@@ -822,3 +874,86 @@ def test_random_mix_against_a_model(make, data_dir, engine, seed):
     d.read_sync(ch, whole, 0)
     assert bytes(whole) == model
     whole.free()
+
+
+# ---- block devices ------------------------------------------------------------------------------
+@pytest.fixture
+def loop_device(tmp_path):
+    """loop_device(size, sector_size) -> (/dev/loopN, backing file); detached afterwards."""
+    made = []
+
+    def _attach(size, sector_size=512):
+        if not IS_ROOT:
+            pytest.skip("setting up a loop device needs root")
+        if shutil.which("losetup") is None:
+            pytest.skip("losetup is not installed")
+        backing = new_file(tmp_path, size)
+        r = subprocess.run(["losetup", "-f", "--show", "--sector-size", str(sector_size),
+                            str(backing)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"losetup cannot attach a loop device: {r.stderr.strip()}")
+        dev = r.stdout.strip()
+        made.append(dev)
+        return dev, backing
+    yield _attach
+    for dev in made:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def queue_limit(dev, name):
+    with open(f"/sys/block/{os.path.basename(dev)}/queue/{name}") as f:
+        return int(f.read())
+
+
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_loop_block_device(make, loop_device, engine, sector):
+    """A block device: size from BLKGETSIZE64, block size and O_DIRECT alignment from
+    BLKSSZGET, data through O_DIRECT, unmap by BLKDISCARD, write zeroes by BLKZEROOUT; the
+    backing file (read with Python) sees all of it."""
+    dev, backing = loop_device(8 * MiB, sector)
+    o = make(dev, engine=engine)
+    b = o.bdev
+    assert b.is_block_device and b.direct
+    assert b.block_size == sector == b.required_alignment == b.dio_alignment
+    assert b.size == 8 * MiB
+    assert b.info()["driver_specific"]["aio"]["block_device"] is True
+    assert b.io_type_supported("write_zeroes")
+    assert b.io_type_supported("unmap") == (queue_limit(dev, "discard_max_bytes") > 0)
+    d, ch = o.desc, o.ch
+    rng = random.Random(sector)
+    for n in (sector, 3 * sector, 64 * KiB, MiB):
+        off = rng.randrange(0, (8 * MiB - n) // sector) * sector
+        data = rng.randbytes(n)
+        d.write_sync(ch, data, off)                    # bytes: bounced to `sector` alignment
+        d.flush_sync(ch)
+        assert file_bytes(backing, off, n) == data
+        back = bytearray(n)
+        d.read_sync(ch, back, off)
+        assert back == data
+    d.write_sync(ch, b"\xee" * (256 * KiB), MiB)
+    d.write_zeroes_sync(ch, MiB, 64 * KiB)
+    d.flush_sync(ch)
+    assert file_bytes(backing, MiB, 128 * KiB) == bytes(64 * KiB) + b"\xee" * (64 * KiB)
+    if b.io_type_supported("unmap"):
+        d.unmap_sync(ch, MiB + 128 * KiB, 64 * KiB)
+        back = bytearray(64 * KiB)
+        d.read_sync(ch, back, MiB + 128 * KiB)
+        assert back == bytes(64 * KiB)                 # loop punches a hole in its file
+    assert ch.aio_stats()["failed"] == 0
+
+
+def test_loop_block_device_limits(loop_device, make):
+    dev, backing = loop_device(4 * MiB, 4096)
+    with pytest.raises(InvalidArgument, match=f"alignment O_DIRECT needs on {dev}"):
+        aio.create("AIOloop", dev, 512)
+    with pytest.raises(InvalidArgument, match="create_size applies to regular files"):
+        aio.create("AIOloop", dev, create_size=MiB)
+    o = make(dev, block_size=8192)                     # a multiple of the sector: fine
+    assert o.bdev.num_blocks == 512
+    o.close()
+    o = make(dev, readonly=True)
+    assert set(o.bdev.io_types) == {"read", "flush", "reset"}
+    buf = allocate(4096)
+    o.desc.read_sync(o.ch, buf, 4096)
+    assert bytes(buf) == file_bytes(backing, 4096, 4096)
+    buf.free()
