@@ -772,7 +772,9 @@ class PerfRun:
             "jobs": jobs,
             "total": total,
             "latency_histogram_ns": [list(t) for t in merged.buckets_nonzero()],
-            "rss": {"peak_bytes": peak_rss_bytes(), "samples": samples,
+            # VmHWM lags the per-thread RSS counters a little: never below a sample
+            "rss": {"peak_bytes": max([peak_rss_bytes()] + [s["rss_bytes"] for s in samples]),
+                    "samples": samples,
                     "growth_after_first_second_bytes":
                         (max(after) - base) if base is not None else None},
         }
