@@ -1,7 +1,7 @@
 # The block-device layer's C-level interface (see core.pyx): the I/O object, bdevs, descriptors
 # and per-thread channels, and the functions modules and engines call without the GIL.
 from cpython.ref cimport PyObject
-from libc.stdint cimport int8_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from env.histogram cimport Histogram
@@ -52,6 +52,7 @@ cdef struct bdev_io:
     uint32_t iovcnt
     iovec iov
     iovec* user_iovs          # the caller's iovec when bouncing (copied back for reads)
+    iovec user_iov            # the caller's single segment, when it had one
     uint32_t user_iovcnt
     bdev_io_cb cb
     void* cb_arg
@@ -64,6 +65,7 @@ cdef struct bdev_io:
     uint32_t index            # position in the channel's array (for side tables)
     uint8_t child_status
     uint16_t child_nvme_status
+    int32_t error             # errno of a module refusal or failure (0: none)
     uint64_t split_next       # parent: next block to issue
     bdev_io* next             # free list / deferred completions / NOMEM queue
     uint64_t driver_ctx[8]    # for the module (64 bytes)

@@ -116,11 +116,12 @@ def open_bdev(name, write=False, event_cb=None):
 class IoStatus:
     """Why an I/O failed: `kind` (failed, nvme_error, miscompare, aborted), and for NVMe devices
     the NVMe status (`nvme`, an nvme.status.NvmeStatus) and completion dword 0."""
-    __slots__ = ("kind", "nvme", "cdw0", "io_type", "offset_blocks", "num_blocks", "bdev")
+    __slots__ = ("kind", "nvme", "cdw0", "io_type", "offset_blocks", "num_blocks", "bdev",
+                 "errno")
 
     def __init__(self, kind, nvme=None, cdw0=0, io_type=None, offset_blocks=0, num_blocks=0,
-                 bdev=None):
-        self.kind, self.nvme, self.cdw0 = kind, nvme, cdw0
+                 bdev=None, errno=0):
+        self.kind, self.nvme, self.cdw0, self.errno = kind, nvme, cdw0, errno
         self.io_type, self.offset_blocks, self.num_blocks, self.bdev = (io_type, offset_blocks,
                                                                        num_blocks, bdev)
 
@@ -135,6 +136,9 @@ class IoStatus:
 
     def __str__(self):
         nv = f" ({self.nvme})" if self.nvme is not None else ""
+        if self.errno:
+            import os
+            nv += f" ({os.strerror(self.errno)})"
         return (f"{self.io_type} of {self.num_blocks} blocks at {self.offset_blocks} on "
                 f"{self.bdev}: {self.kind}{nv}")
 
@@ -146,7 +150,7 @@ cdef object _status_of(bdev_io* io):
         nvme = NvmeStatus.decode((io.nvme_status << 1) & 0xFFFE)
     return IoStatus(STATUS_NAMES.get(io.status, "failed"), nvme, io.nvme_cdw0,
                     IO_TYPE_NAMES.get(io.type), io.offset_blocks, io.num_blocks,
-                    (<Bdev> io.bdev).name)
+                    (<Bdev> io.bdev).name, io.error)
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -290,7 +294,8 @@ cdef void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
     if io.flags & IOF_BOUNCE:
         _bounce_finish(io, ok)
     if io.flags & IOF_OWN_IOVS:
-        free(io.iovs)
+        # the array we allocated is the caller's view, which a bounce moved to user_iovs
+        free(io.user_iovs if io.flags & IOF_BOUNCE else io.iovs)
     if io.flags & IOF_PY:
         _py_finish(io, ok)
     elif io.cb != NULL:
@@ -416,6 +421,8 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
                 break
             return
         n = _split_len(ch.bdev, parent, parent.split_next, end - parent.split_next)
+        child.bdev = parent.bdev
+        child.channel = parent.channel
         child.type = BDEV_IO_WRITE if parent.flags & IOF_EMULATED else parent.type
         child.offset_blocks = parent.split_next
         child.num_blocks = n
@@ -433,11 +440,7 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
                 break
         parent.split_next += n
         parent.children_left += 1
-        rc = _start(ch, child)
-        if rc != 0:
-            child.status = IO_FAILED
-            ch.in_module += 1        # _child_done's bookkeeping expects a module completion
-            bdev_io_complete(child, IO_FAILED)
+        _start(ch, child)
     if parent.children_left == 0:
         parent.status = parent.child_status if parent.child_status else IO_SUCCESS
         if parent.status == IO_NOMEM:
@@ -451,6 +454,7 @@ cdef void _child_done(BdevChannel ch, bdev_io* child) noexcept nogil:
         parent.child_status = child.status
         parent.child_nvme_status = child.nvme_status
         parent.nvme_cdw0 = child.nvme_cdw0
+        parent.error = child.error
     if child.flags & IOF_OWN_IOVS:
         free(child.iovs)
     ch.put_io(child)
@@ -471,7 +475,9 @@ cdef inline void _finish_parent(BdevChannel ch, bdev_io* parent) noexcept nogil:
 
 # ---- submission ---------------------------------------------------------------------------------
 cdef int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
-    """Hand `io` to the module. 0: it will complete; negative errno: it was refused."""
+    """Hand `io` to the module. It always completes afterwards: a module that refuses it for
+    lack of resources gets it again later; a module that refuses it for another reason (a
+    backend failure: every argument was checked before) fails it through its callback."""
     cdef int rc
     io.flags |= IOF_IN_SUBMIT
     ch.in_module += 1
@@ -483,7 +489,15 @@ cdef int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
     if rc == -ENOMEM:
         _nomem_push(ch, io)
         return 0
-    return rc
+    io.error = -rc
+    io.status = IO_FAILED
+    io.next = NULL
+    if ch.done_tail == NULL:
+        ch.done_head = io
+    else:
+        ch.done_tail.next = io
+    ch.done_tail = io
+    return 0
 
 
 cdef bint _usable(Bdev b, bdev_io* io) noexcept nogil:
@@ -492,7 +506,9 @@ cdef bint _usable(Bdev b, bdev_io* io) noexcept nogil:
     cdef uint64_t va, n, left
     for i in range(io.iovcnt):
         va = <uint64_t> <uintptr_t> io.iovs[i].iov_base
-        if b.required_alignment > 1 and va & (b.required_alignment - 1):
+        # O_DIRECT and DMA engines want both the address and the length of every segment
+        # aligned (a split can also start a child at any segment boundary)
+        if b.required_alignment > 1 and (va | io.iovs[i].iov_len) & (b.required_alignment - 1):
             return False
         if b.dma_required:
             left = io.iovs[i].iov_len
@@ -516,7 +532,11 @@ cdef int _bounce_setup(Bdev b, bdev_io* io) noexcept with gil:
         return -ENOMEM
     Py_INCREF(buf)
     io.bounce_ref = <PyObject*> buf
-    io.user_iovs = io.iovs
+    if io.iovs == &io.iov:
+        io.user_iov = io.iov          # io.iov is about to describe the bounce buffer
+        io.user_iovs = &io.user_iov
+    else:
+        io.user_iovs = io.iovs
     io.user_iovcnt = io.iovcnt
     dst = (<DmaBuffer> buf).data()
     if io.type != BDEV_IO_READ:
@@ -708,6 +728,7 @@ cdef class BdevChannel(IoChannel):
             if rc != 0:
                 self.in_module -= 1
                 io.status = IO_FAILED
+                io.error = -rc
                 _finish(self, io)
             work += 1
         return work
@@ -1388,7 +1409,7 @@ cdef class PyIo:
         if self.io == NULL:
             raise BdevError("this I/O is already complete")
         return [PyMemoryView_FromMemory(<char*> self.io.iovs[i].iov_base,
-                                        self.io.iovs[i].iov_len, PyBUF_WRITABLE)
+                                        self.io.iovs[i].iov_len, 0x200)     # PyBUF_WRITE
                 for i in range(self.io.iovcnt)]
 
     def complete(self, status="success"):

@@ -166,7 +166,6 @@ cdef class Workload:
         self.completed = self.completed_reads = self.errors = self.submit_errors = 0
         self.bytes_done = 0
         self.stopping = False
-        self.cancel = False
         with nogil:
             self.start_ns = now_ns()
             self.end_ns = self.start_ns + <uint64_t> (self.seconds * 1e9)
@@ -184,6 +183,7 @@ cdef class Workload:
             drain_deadline = self.end_ns + <uint64_t> (drain_timeout * 1e9)
             while self.outstanding and rc >= 0 and now_ns() < drain_deadline:
                 rc = self.poll(self.target)
+        self.cancel = False      # a stop() before run() began still ends that run at once
         if rc < 0:
             raise UserblkError(f"polling the target failed: errno {-rc}")
         if self.outstanding:

@@ -314,8 +314,12 @@ def test_vectored_io(make, data_dir, engine):
         bounced = ch.aio_stats()["bounced"] - before
         if label == "aligned":
             assert bounced == 0
-        elif label == "iov-max" or direct is None:
+        elif label == "iov-max":
             assert bounced == 2, label         # the write and the read
+        elif direct is not None:
+            # odd segment lengths never reach the module: the bdev layer bounces them against
+            # required_alignment before submission
+            assert bounced == 0, label
         off += (total + 4095) // 4096 * 4096
 
 

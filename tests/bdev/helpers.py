@@ -1,0 +1,108 @@
+"""Helpers shared by the bdev tests: a recording Python module, polling until done."""
+import time
+
+import bdev
+from bdev.core import PyBdev
+from env.thread import current_thread
+
+
+def poll_until(pred, timeout=10.0):
+    """Poll the calling thread until `pred()` is true."""
+    t = current_thread()
+    deadline = time.monotonic() + timeout
+    while not pred():
+        t.poll()
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for completions")
+
+
+class Completions:
+    """Collects (ok, status) per I/O tag and checks each completes exactly once."""
+
+    def __init__(self):
+        self.done = {}
+        self.inside_submit = False
+
+    def cb(self, tag):
+        def done(ok, status):
+            assert not self.inside_submit, "a callback ran inside its submission"
+            assert tag not in self.done, f"I/O {tag} completed twice"
+            self.done[tag] = (ok, status)
+        return done
+
+    def submit(self, fn, tag, *args):
+        self.inside_submit = True
+        try:
+            fn(*args, cb=self.cb(tag))
+        finally:
+            self.inside_submit = False
+
+
+class RecordingBdev(PyBdev):
+    """A RAM disk written in Python that records every request the layer hands it, and can
+    refuse some for lack of resources or complete them later."""
+
+    def __init__(self, name, num_blocks=1024, block_size=512, *, nomem=0, defer=False,
+                 io_types=("read", "write", "write_zeroes", "unmap", "flush", "reset",
+                           "compare"), **kw):
+        super().__init__(name, block_size=block_size, num_blocks=num_blocks, module="recording",
+                         io_types=io_types, **kw)
+        self.data = bytearray(num_blocks * block_size)
+        self.requests = []
+        self.addresses = []
+        self.nomem = nomem            # refuse this many submissions with ENOMEM first
+        self.defer = defer
+        self.pending = []
+        self.destructed = False
+
+    def submit(self, io):
+        if self.nomem:
+            self.nomem -= 1
+            return -12                # -ENOMEM: the layer queues and retries
+        self.requests.append((io.type, io.offset_blocks, io.num_blocks))
+        if self.defer:
+            self.pending.append(io)
+            return 0
+        self.execute(io)
+        return 0
+
+    def execute(self, io):
+        bs = self.block_size
+        off = io.offset_blocks * bs
+        status = "success"
+        if io.type in ("read", "write", "compare"):
+            pos = off
+            for mv in io.buffers():
+                n = mv.nbytes
+                if io.type == "read":
+                    mv[:] = self.data[pos:pos + n]
+                elif io.type == "write":
+                    self.data[pos:pos + n] = mv
+                elif bytes(mv) != bytes(self.data[pos:pos + n]):
+                    status = "miscompare"
+                pos += n
+        elif io.type in ("write_zeroes", "unmap"):
+            self.data[off:off + io.num_blocks * bs] = bytes(io.num_blocks * bs)
+        io.complete(status)
+
+    def release(self):
+        pending, self.pending = self.pending, []
+        for io in pending:
+            self.execute(io)
+
+    def destruct(self):
+        self.destructed = True
+
+
+def make_stack(name, **kw):
+    b = RecordingBdev(name, **kw).register()
+    desc = bdev.open_bdev(name, write=True)
+    ch = desc.get_io_channel()
+    return b, desc, ch
+
+
+def teardown(b, desc, ch):
+    ch.put()
+    desc.close()
+    if not b.removed:
+        b.unregister()
