@@ -487,10 +487,14 @@ class GuestRun:
                         path = self.rundir / f"{node}.img"
                         with open(path, "wb") as f:  # sparse: costs no disk until written
                             f.truncate(c.nvme_size)
+                    # discard=unmap on both nodes: a Deallocate punches holes in the backing
+                    # file, so deallocated blocks read back as zeroes, as the namespace's
+                    # DLFEAT promises (without it QEMU drops discards silently)
                     args += ["-blockdev", f"driver=file,node-name={node}f,"
-                                          f"filename={_quote_opt(path)},"
+                                          f"filename={_quote_opt(path)},discard=unmap,"
                                           f"{self._drive_opts(path.parent)}",
-                             "-blockdev", f"driver=raw,node-name={node},file={node}f"]
+                             "-blockdev", f"driver=raw,node-name={node},file={node}f,"
+                                          "discard=unmap"]
                 ns_dev = f"nvme-ns,drive={node},bus=nvme{ctrl},nsid={ns}"
                 args += ["-device", ns_dev + (f",{c.ns_opts}" if c.ns_opts else "")]
         return args
