@@ -4,7 +4,8 @@ the code as Cython callers see it: no Python call per iteration."""
 from libc.stdint cimport uint64_t, uintptr_t
 
 from env.memmap cimport MemMap, vtophys, IOVA_INVALID
-from env.memory cimport Pool
+from env.memory cimport DmaBuffer, Pool
+from libc.string cimport memcpy
 
 
 def translate_loop(MemMap mm, uint64_t vaddr, uint64_t size, long n):
@@ -47,3 +48,24 @@ def pool_cycle(Pool pool, long n, int batch=1):
                 if held[j] != NULL:
                     pool.put(held[j])
     return failed
+
+
+def memcpy_loop(DmaBuffer src, DmaBuffer dst, size_t block, size_t total):
+    """Copy `total` bytes from `src` (sequentially, wrapping) in `block`-sized pieces into
+    `dst` (cycling through its `block`-sized slots): the plain-memcpy baseline of the malloc
+    bdev's sequential reads. Returns the bytes copied."""
+    cdef size_t done = 0, s = 0, d = 0
+    cdef size_t slen = src.nbytes() - src.nbytes() % block, dlen = dst.nbytes() - dst.nbytes() % block
+    if block == 0 or slen == 0 or dlen == 0:
+        raise ValueError("buffers smaller than one block")
+    with nogil:
+        while done < total:
+            memcpy(dst.data() + d, src.data() + s, block)
+            done += block
+            s += block
+            if s == slen:
+                s = 0
+            d += block
+            if d == dlen:
+                d = 0
+    return done
