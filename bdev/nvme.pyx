@@ -524,7 +524,8 @@ cdef int _submit(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
         # disconnected (reset, failure): the channel's poll drains it; never submit into it
         # here, where a completion callback may be running the drain
         return _unavailable(b, qstate)
-    if io.num_blocks > DSM_RANGE_MAX_BLOCKS and io.type != BDEV_IO_UNMAP:
+    if (io.num_blocks > MAX_NLB and io.type != BDEV_IO_UNMAP and io.type != BDEV_IO_FLUSH
+            and io.type != BDEV_IO_RESET):
         return -EINVAL                  # the bdev layer splits at max_transfer_blocks first
     if io.type == BDEV_IO_READ or io.type == BDEV_IO_WRITE or io.type == BDEV_IO_COMPARE:
         opc = (NVM_READ if io.type == BDEV_IO_READ else

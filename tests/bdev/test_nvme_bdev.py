@@ -287,6 +287,8 @@ def test_unmap_beyond_2_32_blocks_and_256_ranges(attach):
             r = bytearray(512)
             o.desc.read_sync(o.ch, r, lba * 512)
             assert r == bytes(512), lba
+        o.desc.flush_sync(o.ch)          # a flush "covers" every block: no 16-bit NLB limit
+        assert emu.commands(NvmOpcode.FLUSH) == 1
     finally:
         o.close()
 
