@@ -27,3 +27,11 @@ def table(rows, columns):
     for r in rows:
         lines.append("  ".join(f.format(r[k]).rjust(w) for (k, _, f), w in zip(columns, widths)))
     return "\n".join(lines)
+
+
+def per_op_ns(benchmark, n, stat="mean"):
+    """Nanoseconds per operation of a benchmark whose one call ran `n` operations; None when
+    the benchmark only ran once as a smoke test (--benchmark-disable keeps no statistics)."""
+    if benchmark.stats is None:
+        return None
+    return getattr(benchmark.stats.stats, stat) / n * 1e9

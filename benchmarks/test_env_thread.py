@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from benchmarks import results
 from env import thread as T
 from env import _thread_testing as X
 
@@ -33,7 +34,8 @@ def here():
 
 
 def _per_op(benchmark, n, unit="ns_per_op"):
-    benchmark.extra_info[unit] = round(benchmark.stats.stats.median / n * 1e9, 1)
+    ns = results.per_op_ns(benchmark, n, "median")
+    benchmark.extra_info[unit] = None if ns is None else round(ns, 1)
 
 
 # ---- round trips between two OS threads ----------------------------------------------------------
