@@ -112,10 +112,6 @@ cdef class _QpairChannel(IoChannel):
     def __dealloc__(self):
         free(self.slots)
 
-    @property
-    def queue_pair(self):
-        return self.qpair
-
 
 def _drain_channel(ch):
     """for_each_channel step of a reset: reap (or, when disconnected, drain) this thread's queue
@@ -157,7 +153,7 @@ cdef class NvmeController(IoDevice):
     cdef readonly list bdevs
     cdef readonly uint32_t io_queue_size
     cdef readonly uint32_t dsm_pages
-    cdef object _emulator
+    cdef object _emulator               # keeps an emulated controller alive while attached
     cdef object _admin_thread
     cdef object _admin_poller
     cdef list _pending_resets
@@ -405,10 +401,6 @@ cdef class NvmeController(IoDevice):
         return {CTRLR_READY: "ready", CTRLR_RESETTING: "resetting",
                 CTRLR_FAILED: "failed"}[self.c_state]
 
-    @property
-    def emulator(self):
-        return self._emulator
-
     def config_json(self):
         """bdev_nvme_attach_controller's entry that attaches this controller again."""
         from nvme.controller import ControllerOptions
@@ -498,7 +490,7 @@ cdef class NvmeBdev(Bdev):
                 "io_queue_size": self.controller.io_queue_size}
 
 
-# ---- the data path --------------------------------------------------------------------------------
+# ---- the data path ------------------------------------------------------------------------------
 cdef void _io_done(void* arg, const nvme_cqe* cpl) noexcept nogil:
     bdev_io_complete_nvme(<bdev_io*> arg, cpl.status, cpl.cdw0)
 

@@ -125,7 +125,7 @@ def nvme0(attach):
 
 # ---- attach, geometry, facts ---------------------------------------------------------------------
 def test_attach_registers_one_bdev_per_namespace(attach):
-    ns1, ns2 = EmuNamespace(8192, 512), EmuNamespace(2048, 4096)
+    ns1, ns2 = EmuNamespace(8192, 512), EmuNamespace(2048, 4096, noiob=16)
     nc, emu = attach("NvmeG", [ns1, ns2])
     names = [b.name for b in nc.bdevs]
     assert names == ["NvmeGn1", "NvmeGn2"]
@@ -135,6 +135,8 @@ def test_attach_registers_one_bdev_per_namespace(attach):
     assert b1.max_transfer_blocks == MDTS_BYTES // 512
     assert b2.max_transfer_blocks == MDTS_BYTES // 4096
     assert b1.required_alignment == 4 and b1.dma_required
+    assert b1.optimal_io_boundary == 0 and not b1.split_on_optimal_io_boundary
+    assert b2.optimal_io_boundary == 16 and b2.split_on_optimal_io_boundary   # NOIOB
     assert b1.module == "nvme" and b1.product_name == "NVMe disk"
     assert b1.io_types == sorted(["read", "write", "write_zeroes", "unmap", "flush", "reset",
                                   "compare"])
@@ -146,6 +148,14 @@ def test_attach_registers_one_bdev_per_namespace(attach):
     assert ds["pci_address"] is None
     assert bdev_nvme.get_controller("NvmeG") is nc and nc in bdev_nvme.controllers()
     assert nc.state == "ready" and nc.info()["bdevs"] == names
+    o = Open("NvmeGn2")
+    try:
+        before = emu.commands(NvmOpcode.WRITE)
+        o.desc.write_sync(o.ch, pattern(8 * 4096, 1), 12 * 4096)     # blocks 12..19: crosses 16
+        assert emu.commands(NvmOpcode.WRITE) - before == 2
+        assert emu.namespace(2).read_blocks(12, 8) == pattern(8 * 4096, 1)
+    finally:
+        o.close()
 
 
 def test_uuid_from_nguid_when_there_is_no_uuid_descriptor(attach):
