@@ -31,7 +31,8 @@ import uuid as _uuid
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EACCES, EBADF, EINVAL, ENODEV, ENOMEM, EOPNOTSUPP, EPERM, ERANGE, EXDEV)
+from libc.errno cimport (EACCES, EBADF, EINVAL, ENODEV, ENOMEM, ENXIO, EOPNOTSUPP, EPERM, ERANGE,
+                         EXDEV)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
@@ -80,6 +81,17 @@ cdef char* _zero_buffer() noexcept with gil:
         _zero_buf = _memory.allocate(ZERO_BUFFER_SIZE, zero=True)
         _zero_ptr = (<DmaBuffer> _zero_buf).data()
     return _zero_ptr
+
+
+def blocks_of(num_blocks, size, block_size):
+    """`num_blocks`, or `size` bytes in blocks (what a module's create() was given)."""
+    if num_blocks is not None:
+        return num_blocks
+    if size is None:
+        raise InvalidArgument("give num_blocks or size")
+    if size % block_size:
+        raise InvalidArgument(f"size {size} is not a multiple of the block size {block_size}")
+    return size // block_size
 
 
 # ---- registry ---------------------------------------------------------------------------------
@@ -182,6 +194,15 @@ cdef inline void _stats_add(bdev_stats* into, const bdev_stats* s) noexcept nogi
     into.nomem_retries += s.nomem_retries
 
 
+cdef inline void _tally(uint64_t* total, uint64_t* most, uint64_t* least,
+                        uint64_t ticks) noexcept nogil:
+    total[0] += ticks
+    if ticks > most[0]:
+        most[0] = ticks
+    if ticks < least[0]:
+        least[0] = ticks
+
+
 cdef inline void _account(BdevChannel ch, bdev_io* io, bint ok) noexcept nogil:
     cdef bdev_stats* s = &ch.counters
     cdef uint64_t ticks = get_ticks() - io.submit_tick
@@ -191,27 +212,18 @@ cdef inline void _account(BdevChannel ch, bdev_io* io, bint ok) noexcept nogil:
     elif io.type == BDEV_IO_READ:
         s.num_read_ops += 1
         s.bytes_read += nbytes
-        s.read_latency_ticks += ticks
-        if ticks > s.max_read_latency_ticks:
-            s.max_read_latency_ticks = ticks
-        if ticks < s.min_read_latency_ticks:
-            s.min_read_latency_ticks = ticks
+        _tally(&s.read_latency_ticks, &s.max_read_latency_ticks, &s.min_read_latency_ticks,
+               ticks)
     elif io.type == BDEV_IO_WRITE:
         s.num_write_ops += 1
         s.bytes_written += nbytes
-        s.write_latency_ticks += ticks
-        if ticks > s.max_write_latency_ticks:
-            s.max_write_latency_ticks = ticks
-        if ticks < s.min_write_latency_ticks:
-            s.min_write_latency_ticks = ticks
+        _tally(&s.write_latency_ticks, &s.max_write_latency_ticks, &s.min_write_latency_ticks,
+               ticks)
     elif io.type == BDEV_IO_UNMAP:
         s.num_unmap_ops += 1
         s.bytes_unmapped += nbytes
-        s.unmap_latency_ticks += ticks
-        if ticks > s.max_unmap_latency_ticks:
-            s.max_unmap_latency_ticks = ticks
-        if ticks < s.min_unmap_latency_ticks:
-            s.min_unmap_latency_ticks = ticks
+        _tally(&s.unmap_latency_ticks, &s.max_unmap_latency_ticks, &s.min_unmap_latency_ticks,
+               ticks)
     else:
         s.num_other_ops += 1
     if ch.histogram is not None and ok:
@@ -753,7 +765,8 @@ cdef class BdevChannel(IoChannel):
 
     def _teardown(self):
         if self.poller is not None:
-            self.poller.unregister()
+            if self.poller.is_registered:      # a thread's exit unregisters its pollers itself
+                self.poller.unregister()
             self.poller = None
         if self.in_module or self.done_head != NULL or self.nomem_head != NULL:
             # the module still owns I/O objects: keep the array (a leak beats a crash)
@@ -1112,6 +1125,9 @@ cdef class Descriptor:
         if rc == ERANGE:
             raise InvalidArgument(f"{what} on {name}: the block range is empty or outside the "
                                   f"bdev ({self.bdev.num_blocks} blocks)")
+        if rc == ENXIO:
+            raise BdevRemoved(f"{what} on {name}: the device behind the bdev failed or was "
+                              "removed", name)
         if rc == ENOMEM:
             raise ResourceExhausted(f"{what} on {name}: no free I/O object on this channel "
                                     f"({ch.nios if ch is not None else '?'} in use); poll first")

@@ -14,6 +14,7 @@ from bdev.core cimport (BDEV_IO_COMPARE, BDEV_IO_READ, BDEV_IO_UNMAP, BDEV_IO_WR
 from env.memory cimport DmaBuffer
 
 from env import memory as _memory
+from bdev.core import blocks_of
 from env.errors import InvalidArgument
 
 IO_TYPES = ("read", "write", "write_zeroes", "unmap", "flush", "reset", "compare")
@@ -66,12 +67,7 @@ cdef class MallocBdev(Bdev):
 def create(name="Malloc0", num_blocks=None, block_size=512, *, size=None, uuid=None,
            optimal_io_boundary=0, split_on_optimal_io_boundary=False):
     """Create and register a malloc bdev of `num_blocks` blocks (or `size` bytes), zeroed."""
-    if num_blocks is None:
-        if size is None:
-            raise InvalidArgument("give num_blocks or size")
-        if size % block_size:
-            raise InvalidArgument(f"size {size} is not a multiple of the block size {block_size}")
-        num_blocks = size // block_size
+    num_blocks = blocks_of(num_blocks, size, block_size)
     b = MallocBdev(name, block_size=block_size, num_blocks=num_blocks, module="malloc",
                    io_types=IO_TYPES, uuid=uuid, product_name="Malloc disk",
                    optimal_io_boundary=optimal_io_boundary,

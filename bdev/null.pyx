@@ -8,6 +8,7 @@ metadata (as SPDK's null bdev can) without storing any.
 """
 from bdev.core cimport Bdev, BdevChannel, IO_SUCCESS, bdev_io, bdev_io_complete
 
+from bdev.core import blocks_of
 from env.errors import InvalidArgument
 
 IO_TYPES = ("read", "write", "write_zeroes", "unmap", "flush", "reset", "compare")
@@ -28,12 +29,7 @@ cdef class NullBdev(Bdev):
 
 def create(name="Null0", num_blocks=None, block_size=512, *, size=None, md_size=0, uuid=None):
     """Create and register a null bdev of `num_blocks` blocks (or `size` bytes)."""
-    if num_blocks is None:
-        if size is None:
-            raise InvalidArgument("give num_blocks or size")
-        if size % block_size:
-            raise InvalidArgument(f"size {size} is not a multiple of the block size {block_size}")
-        num_blocks = size // block_size
+    num_blocks = blocks_of(num_blocks, size, block_size)
     b = NullBdev(name, block_size=block_size, num_blocks=num_blocks, module="null",
                  io_types=IO_TYPES, uuid=uuid, md_size=md_size, product_name="Null disk")
     return b.register()

@@ -62,8 +62,8 @@ from env.memory cimport Pool
 from env.thread cimport IoChannel, IoDevice, thread_send
 from libc.stdlib cimport calloc, free
 from nvme.qpair cimport (QP_DESTROYED, QP_DISCONNECTED, QP_ENABLED, QueuePair, nvme_request)
-from nvme.spec cimport (CSTS_CFS, NVM_COMPARE, NVM_DATASET_MANAGEMENT, NVM_FLUSH, NVM_READ,
-                        NVM_WRITE, NVM_WRITE_ZEROES, REG_CSTS, nvme_cqe)
+from nvme.spec cimport (NVM_COMPARE, NVM_DATASET_MANAGEMENT, NVM_FLUSH, NVM_READ,
+                        NVM_WRITE, NVM_WRITE_ZEROES, nvme_cqe)
 
 from bdev.errors import BdevError, BdevExists, BdevNotFound
 from env.errors import InvalidArgument
@@ -290,25 +290,19 @@ cdef class NvmeController(IoDevice):
         if c.state in ("failed", "detached"):
             self._fail(f"the driver reports the controller {c.state}")
             return 1
-        csts = c.transport.read32(REG_CSTS)
-        if csts == 0xFFFFFFFF:
-            self._fail("its registers read all-ones: the device is gone (surprise removal)")
-            return 1
-        if csts & CSTS_CFS and c.state == "ready":
-            log.error("%s: controller fatal status (CSTS.CFS); resetting", self.name)
-            try:
-                c.reset()
-            except Exception as e:
-                self._fail(f"reset after a controller fatal status failed: {e}")
-            return 1
+        # the driver notices removal (registers all-ones) and a fatal status (reset) itself
         try:
-            return c.poll_admin()
+            n = c.poll_admin()
         except Exception as e:
             if c.state in ("failed", "detached"):
                 self._fail(str(e))
             else:
                 log.warning("%s: admin poll: %s", self.name, e)
             return 1
+        if c.state in ("failed", "detached"):
+            self._fail(f"the driver reports the controller {c.state}")
+            return 1
+        return n
 
     def _fail(self, why):
         """The controller is gone or unusable: I/O in flight completes with an error (on each
@@ -319,10 +313,9 @@ cdef class NvmeController(IoDevice):
         log.error("NVMe controller %s failed: %s; removing its bdevs %s", self.name, why,
                   ", ".join(b.name for b in self.bdevs))
         c = self.ctrlr
-        if c.state not in ("failed", "detached"):
-            # No public way to tell the driver; _fail_all disconnects every queue pair (their
-            # commands complete with ABORTED - SQ DELETION on their owner threads).
-            c._fail_all(why)
+        # every queue pair disconnected: commands complete with ABORTED - SQ DELETION on
+        # their owner threads
+        c.fail(why)
         self._finish_resets(IO_FAILED)
         self._unregister_bdevs()
 

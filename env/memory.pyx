@@ -228,7 +228,11 @@ class _Heap:
         self.backend = backend
         self.region_size = region_size
         self.regions = []
-        self.lock = threading.Lock()
+        # Re-entrant, because the garbage collector may free a DmaBuffer in the middle of an
+        # allocation on the same thread: that free is deferred (`busy`) and done on the way out.
+        self.lock = threading.RLock()
+        self.busy = False
+        self.deferred = []
 
     def _new_region(self, size_t size, shared=False, path=None):
         cdef uintptr_t base
@@ -305,36 +309,60 @@ class _Heap:
 
     def alloc(self, size_t npages, size_t align_pages, shared=False):
         """(region, first page) for `npages` pages."""
+        with self.lock:
+            self.busy = True
+            try:
+                return self._alloc(npages, align_pages, shared)
+            finally:
+                self._settle()
+
+    def _alloc(self, size_t npages, size_t align_pages, shared):
         cdef size_t need = npages * PAGE
         cdef long first
-        with self.lock:
-            if not shared and need <= self.region_size:
-                for r in self.regions:
-                    if not r.dedicated and r.free_pages >= npages:
-                        first = self._take(r, npages, align_pages)
-                        if first >= 0:
-                            return r, first
-            size = ((need + self.region_size - 1) // self.region_size) * self.region_size
-            r = self._new_region(size, shared=shared)
-            if not r.dedicated:
-                self.regions.append(r)
-            first = self._take(r, npages, align_pages)
-            assert first >= 0
-            return r, first
+        if not shared and need <= self.region_size:
+            for r in self.regions:
+                if not r.dedicated and r.free_pages >= npages:
+                    first = self._take(r, npages, align_pages)
+                    if first >= 0:
+                        return r, first
+        size = ((need + self.region_size - 1) // self.region_size) * self.region_size
+        r = self._new_region(size, shared=shared)
+        if not r.dedicated:
+            self.regions.append(r)
+        first = self._take(r, npages, align_pages)
+        assert first >= 0
+        return r, first
 
     def free(self, r, size_t first, size_t npages):
         with self.lock:
-            self._give(r, first, npages)
-            if r.free_pages * PAGE != r.size:
+            if self.busy:
+                # re-entered from the garbage collector inside alloc/free: finish that first
+                self.deferred.append((r, first, npages))
                 return
-            if r.dedicated:
-                self._release_region(r)
-                return
-            # keep one empty region for the next allocation, give back the others
-            empties = [x for x in self.regions if x.free_pages * PAGE == x.size]
-            if len(empties) > 1:
-                self.regions.remove(r)
-                self._release_region(r)
+            self.busy = True
+            try:
+                self._free(r, first, npages)
+            finally:
+                self._settle()
+
+    def _settle(self):
+        """Do the frees that arrived while busy, then leave (the lock is still held)."""
+        while self.deferred:
+            self._free(*self.deferred.pop())
+        self.busy = False
+
+    def _free(self, r, size_t first, size_t npages):
+        self._give(r, first, npages)
+        if r.free_pages * PAGE != r.size:
+            return
+        if r.dedicated:
+            self._release_region(r)
+            return
+        # keep one empty region for the next allocation, give back the others
+        empties = [x for x in self.regions if x.free_pages * PAGE == x.size]
+        if len(empties) > 1:
+            self.regions.remove(r)
+            self._release_region(r)
 
 
 _heaps = {
@@ -539,8 +567,12 @@ def open_shared(path):
         raise InvalidArgument(f"{path} is not a userblk shared DMA buffer (size {size})")
     heap = _heaps["hugetlbfs"]
     with heap.lock:
-        region = heap._new_region(size, path=path)
-        first = heap._take(region, size // PAGE, 1)
+        heap.busy = True
+        try:
+            region = heap._new_region(size, path=path)
+            first = heap._take(region, size // PAGE, 1)
+        finally:
+            heap._settle()
     return _make_buffer(region, first, size // PAGE, size, PAGE)
 
 

@@ -15,26 +15,14 @@ from libc.string cimport memset
 
 from env.histogram cimport Histogram
 from env.memory cimport DmaBuffer
+from env.ticks cimport now_ns
 
 from env import memory as _memory
 from env.errors import InvalidArgument, UserblkError
 
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    cdef struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec* ts)
-    enum:
-        CLOCK_MONOTONIC
 
 WORKLOADS = ("read", "write", "randread", "randwrite", "rw", "randrw")
 
-
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t> ts.tv_sec * 1000000000ULL + <uint64_t> ts.tv_nsec
 
 
 cdef inline uint64_t xorshift(uint64_t* state) noexcept nogil:

@@ -373,6 +373,13 @@ class Controller:
         pending resets. Call it now and then (the bdev layer runs it from a timed poller)."""
         if self.state in ("detached", "failed"):
             return 0
+        csts = self.transport.read32(CSTS)
+        if csts == 0xFFFFFFFF:
+            self.fail("its registers read all-ones: the device is gone (surprise removal)")
+            return 1
+        if csts & CSTS_CFS and self.state == "ready":
+            log.error("%s: controller fatal status (CSTS.CFS); resetting", self.name)
+            self._reset_pending = True
         with self.admin_lock:
             n = self.admin_qpair.process_completions()
         self._check_aborts()
@@ -511,6 +518,13 @@ class Controller:
                     self._create_queues(qp)
                 # still "disconnecting": its owner drains it and _qpair_drained re-creates it
             return True
+
+    def fail(self, reason):
+        """Give up on the controller (removed, or beyond recovery): every queue pair is
+        disconnected, so its commands complete with ABORTED - SQ DELETION on their owner
+        threads, and further use raises ControllerDetached."""
+        if self.state not in ("failed", "detached"):
+            self._fail_all(reason)
 
     def _fail_all(self, why):
         self.state = "failed"

@@ -89,6 +89,7 @@ cdef class QueuePair:
     cdef uint16_t size                  # entries in each ring
     cdef uint8_t phase
     cdef uint8_t in_completions         # submissions ring the doorbell once, at the end
+    cdef uint8_t draining               # drain_disconnected is running (no nested drains)
     cdef uint8_t traps
     cdef uint8_t sgl_mode               # 0: PRPs only, 1: SGL when PRPs cannot express it, 2: always SGL
     cdef int state
@@ -124,6 +125,7 @@ cdef class QueuePair:
     # C-level API (no Python objects per I/O)
     cdef nvme_request* alloc_request(self) noexcept nogil
     cdef void free_request(self, nvme_request* req) noexcept nogil
+    cdef bint has_free_requests(self, uint32_t n) noexcept nogil
     cdef int submit_request(self, nvme_request* req) noexcept nogil
     cdef int submit_io(self, uint8_t opc, uint32_t nsid, uint64_t lba, uint32_t nblocks,
                        uint32_t lba_shift, char* buf, uint32_t cdw12_flags, uint32_t cdw13,

@@ -32,6 +32,7 @@ from libc.string cimport memcpy, memset
 
 from env.memmap cimport IOVA_INVALID, vtophys
 from env.memory cimport DmaBuffer
+from env.ticks cimport now_ns
 from env.mmio cimport mb, mmio_write32, rmb, wmb
 from nvme.spec cimport (NVM_COMPARE, NVM_READ, NVM_WRITE, NVM_WRITE_ZEROES, PSDT_SGL_MPTR_CONTIG,
                         SC_ABORTED_SQ_DELETION, SC_DATA_TRANSFER_ERROR, SCT_GENERIC,
@@ -44,14 +45,6 @@ from env.errors import (InvalidArgument, ResourceExhausted, TranslationError, Wr
 
 log = logging.getLogger("userblk.nvme.qpair")
 
-cdef extern from "<time.h>" nogil:
-    ctypedef long time_t
-    cdef struct timespec:
-        time_t tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec* ts)
-    enum:
-        CLOCK_MONOTONIC
 
 cdef extern from *:
     """
@@ -76,11 +69,6 @@ cdef enum:
     SGL_DESCS_PER_PAGE = 256
     MAX_NLB = 65536               # the 0's-based 16-bit NLB field of read/write commands
     CQE_STATUS_DNR = 0x8000
-
-cdef inline uint64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t> ts.tv_sec * 1000000000ULL + <uint64_t> ts.tv_nsec
 
 
 def _state_name(int s):
@@ -392,6 +380,15 @@ cdef class QueuePair:
         memset(req, 0, sizeof(nvme_request))
         return req
 
+    cdef bint has_free_requests(self, uint32_t n) noexcept nogil:
+        """Are at least `n` requests free? (A split takes a parent and its children at once.)"""
+        cdef nvme_request* probe = self.free_requests
+        cdef uint32_t count = 0
+        while probe != NULL and count < n:
+            probe = probe.next
+            count += 1
+        return count >= n
+
     cdef void free_request(self, nvme_request* req) noexcept nogil:
         req.next = self.free_requests
         self.free_requests = req
@@ -690,12 +687,7 @@ cdef class QueuePair:
             return rc
         # split: check everything first, so that either all children go or none does
         nchildren = <uint32_t> ((nblocks + chunk - 1) // chunk)
-        probe = self.free_requests
-        count = 0
-        while probe != NULL and count <= nchildren:
-            probe = probe.next
-            count += 1
-        if count < nchildren + 1:
+        if not self.has_free_requests(nchildren + 1):
             return -ENOMEM
         parent = self.alloc_request()
         parent.buf = buf
@@ -770,12 +762,7 @@ cdef class QueuePair:
             self.drain_disconnected()
         if self.state != QP_ENABLED:
             return -ENXIO
-        probe = self.free_requests
-        count = 0
-        while probe != NULL and count <= nchunks:
-            probe = probe.next
-            count += 1
-        if count < nchunks + 1:
+        if not self.has_free_requests(nchunks + 1):
             return -ENOMEM
         # every child must be describable before any is submitted
         for i in range(nchunks):
@@ -1015,6 +1002,9 @@ cdef class QueuePair:
         cdef nvme_request* req
         cdef nvme_cqe cqe
         cdef int n = 0
+        if self.draining:
+            return 0     # a callback of this very drain submitted: it gets -ENXIO, no recursion
+        self.draining = 1
         memset(&cqe, 0, sizeof(cqe))
         cqe.sqid = self.qid
         cqe.status = (SCT_GENERIC << 9) | (SC_ABORTED_SQ_DELETION << 1)
@@ -1033,6 +1023,7 @@ cdef class QueuePair:
             self.fail_request(req, SCT_GENERIC, SC_ABORTED_SQ_DELETION, False)
             n += 1
         self.in_completions = 0
+        self.draining = 0
         self.state = QP_DESTROYED if self.destroy_pending else QP_DISCONNECTED
         if self.disconnect_handler is not None and not self.destroy_pending:
             with gil:

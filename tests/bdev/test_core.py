@@ -507,3 +507,25 @@ def test_misaligned_segment_lengths_are_bounced():
         mv.release()
     finally:
         teardown(b, desc, ch)
+
+
+def test_a_thread_destroyed_with_a_channel_still_held():
+    """exit() unregisters the thread's pollers; destroy() then releases the channels it still
+    holds: the channel's teardown must not unregister its poller a second time."""
+    from env.thread import Thread
+    b = null.create("NullDestroy", num_blocks=64)
+    d = bdev.open_bdev("NullDestroy")
+    th = Thread("short-lived")
+    out = []
+
+    def take():
+        ch = d.get_io_channel()
+        d.read_blocks(ch, bytearray(512), 0, 1, cb=lambda ok, st: out.append(ok))
+
+    th.send(take)
+    th.run_until(lambda: out)
+    th.exit()
+    th.destroy()
+    assert out == [True] and b.stats()["num_read_ops"] == 1
+    d.close()
+    b.unregister()

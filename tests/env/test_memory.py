@@ -121,12 +121,12 @@ def test_context_manager_frees():
 
 
 def test_garbage_collected_buffer_returns_its_pages():
+    gc.collect()        # other tests' garbage first, so that only ours is released below
     b = memory.allocate(64 * 1024, backend="anonymous")
     region = next(r for r in memory._heaps["anonymous"].regions
                   if r.base <= b.vaddr < r.base + r.size)
     held = region.free_pages
-    del b
-    gc.collect()
+    del b               # the last reference: deallocated now
     # the region's own count, not the process-wide one: other tests' buffers may share the heap
     assert region.free_pages == held + 16 or region.free_pages * 4096 == region.size
 
@@ -278,3 +278,35 @@ def test_regions_are_registered_in_the_process_map():
     with memory.allocate(4096) as b:
         reg = vtophys_map().region_of(b.vaddr)
         assert reg is not None and reg.vaddr % (2 * MiB) == 0
+
+
+def test_a_buffer_collected_during_an_allocation_does_not_deadlock():
+    """The garbage collector can free a DmaBuffer while this thread is inside the heap's
+    critical section (allocate -> list growth -> collection -> DmaBuffer.__dealloc__ -> free)."""
+    heap = memory._heaps["anonymous"]
+    held = [memory.allocate(4096, backend="anonymous") for _ in range(20)]
+
+    class Cycle:
+        pass
+
+    def plant(phase, info):
+        # at the start of a collection that runs inside the heap, make garbage that holds a
+        # buffer, so that this very collection frees it
+        if phase == "start" and heap.busy and held:
+            c = Cycle()
+            c.buf = held.pop()
+            c.me = c
+
+    old = gc.get_threshold()
+    gc.callbacks.append(plant)
+    gc.set_threshold(1)
+    try:
+        bufs = [memory.allocate(4096, backend="anonymous") for _ in range(2000)]
+    finally:
+        gc.set_threshold(*old)
+        gc.callbacks.remove(plant)
+    gc.collect()
+    assert len(held) < 20            # some buffers really were freed from inside the heap
+    assert not heap.busy and not heap.deferred
+    for b in bufs:
+        b.free()
