@@ -249,6 +249,41 @@ cdef dict _stats_dict(const bdev_stats* s):
             "nomem_retries": s.nomem_retries}
 
 
+cdef inline bdev_io* _get_io(BdevChannel ch) noexcept nogil:
+    """A clean I/O object from the channel's pool (NULL when empty). Only what the layer reads
+    before writing is cleared; the module's driver_ctx is the module's to initialise."""
+    cdef bdev_io* io = ch.free_ios
+    if io == NULL:
+        return NULL
+    ch.free_ios = io.next
+    ch.nfree -= 1
+    io.next = NULL
+    io.flags = 0
+    io.status = IO_PENDING
+    io.error = 0
+    io.nvme_status = 0
+    io.nvme_cdw0 = 0
+    io.iovs = NULL
+    io.iovcnt = 0
+    io.user_iovs = NULL
+    io.user_iovcnt = 0
+    io.py_cb = NULL
+    io.py_ref = NULL
+    io.bounce_ref = NULL
+    io.parent = NULL
+    io.children_left = 0
+    io.child_status = 0
+    io.child_nvme_status = 0
+    io.split_next = 0
+    return io
+
+
+cdef inline void _put_io(BdevChannel ch, bdev_io* io) noexcept nogil:
+    io.next = ch.free_ios
+    ch.free_ios = io
+    ch.nfree += 1
+
+
 # ---- completion ---------------------------------------------------------------------------------
 cdef void bdev_io_complete(bdev_io* io, uint8_t status) noexcept nogil:
     """Modules call this exactly once per I/O they accepted (any time, from the channel's
@@ -256,7 +291,7 @@ cdef void bdev_io_complete(bdev_io* io, uint8_t status) noexcept nogil:
     _complete_on(<BdevChannel> io.channel, io, status)
 
 
-cdef void _complete_on(BdevChannel ch, bdev_io* io, uint8_t status) noexcept nogil:
+cdef inline void _complete_on(BdevChannel ch, bdev_io* io, uint8_t status) noexcept nogil:
     ch.in_module -= 1
     io.status = status
     if status == IO_NOMEM:
@@ -297,7 +332,7 @@ cdef inline void _nomem_push(BdevChannel ch, bdev_io* io) noexcept nogil:
     ch.nomem_tail = io
 
 
-cdef void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
+cdef inline void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
     cdef bint ok = io.status == IO_SUCCESS
     if io.flags & IOF_CHILD:
         _child_done(ch, io)
@@ -312,7 +347,7 @@ cdef void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
         _py_finish(io, ok)
     elif io.cb != NULL:
         io.cb(io, ok, io.cb_arg)
-    ch.put_io(io)
+    _put_io(ch, io)
 
 
 cdef void _bounce_finish(bdev_io* io, bint ok) noexcept nogil:
@@ -424,7 +459,7 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
     cdef uint64_t n
     cdef int rc
     while parent.split_next < end and parent.children_left < MAX_SPLIT_INFLIGHT:
-        child = ch.get_io()
+        child = _get_io(ch)
         if child == NULL:
             if parent.children_left == 0:
                 # nothing outstanding would ever call us again: fail what is left
@@ -446,7 +481,7 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
                              (parent.split_next - parent.offset_blocks) << ch.bdev.block_shift,
                              n << ch.bdev.block_shift)
             if rc != 0:
-                ch.put_io(child)
+                _put_io(ch, child)
                 parent.child_status = IO_FAILED
                 parent.split_next = end
                 break
@@ -469,7 +504,7 @@ cdef void _child_done(BdevChannel ch, bdev_io* child) noexcept nogil:
         parent.error = child.error
     if child.flags & IOF_OWN_IOVS:
         free(child.iovs)
-    ch.put_io(child)
+    _put_io(ch, child)
     parent.children_left -= 1
     if parent.split_next < parent.offset_blocks + parent.num_blocks and not parent.child_status:
         _split_issue(ch, parent)
@@ -486,7 +521,7 @@ cdef inline void _finish_parent(BdevChannel ch, bdev_io* parent) noexcept nogil:
 
 
 # ---- submission ---------------------------------------------------------------------------------
-cdef int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
+cdef inline int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
     """Hand `io` to the module. It always completes afterwards: a module that refuses it for
     lack of resources gets it again later; a module that refuses it for another reason (a
     backend failure: every argument was checked before) fails it through its callback."""
@@ -512,7 +547,7 @@ cdef int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
     return 0
 
 
-cdef bint _usable(Bdev b, bdev_io* io) noexcept nogil:
+cdef inline bint _usable(Bdev b, bdev_io* io) noexcept nogil:
     """Can the module transfer to/from the caller's memory as it is?"""
     cdef uint32_t i
     cdef uint64_t va, n, left
@@ -563,7 +598,7 @@ cdef int _bounce_setup(Bdev b, bdev_io* io) noexcept with gil:
     return 0
 
 
-cdef int _check(Descriptor desc, BdevChannel ch, uint8_t type, uint64_t off,
+cdef inline int _check(Descriptor desc, BdevChannel ch, uint8_t type, uint64_t off,
                 uint64_t n) noexcept nogil:
     if desc.closed:
         return -EBADF
@@ -586,7 +621,7 @@ cdef int _check(Descriptor desc, BdevChannel ch, uint8_t type, uint64_t off,
     return 0
 
 
-cdef int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
+cdef inline int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
     """The common tail of every submission: bounce, emulate, split or start. 0 or a negative
     errno (then nothing was started and `io` is still the caller's)."""
     cdef int rc
@@ -634,7 +669,7 @@ cdef int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
     cdef bdev_io* io
     if rc != 0:
         return rc
-    io = ch.get_io()
+    io = _get_io(ch)
     if io == NULL:
         return -ENOMEM
     _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
@@ -645,7 +680,7 @@ cdef int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
         io.iovcnt = 1
     rc = _submit_io(ch, io)
     if rc != 0:
-        ch.put_io(io)
+        _put_io(ch, io)
     return rc
 
 
@@ -666,7 +701,7 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
         total += iovs[i].iov_len
     if total != num_blocks << desc.bdev.block_shift:
         return -EINVAL
-    io = ch.get_io()
+    io = _get_io(ch)
     if io == NULL:
         return -ENOMEM
     _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
@@ -674,7 +709,7 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
     io.iovcnt = iovcnt
     rc = _submit_io(ch, io)
     if rc != 0:
-        ch.put_io(io)
+        _put_io(ch, io)
     return rc
 
 
@@ -688,21 +723,10 @@ cdef class BdevChannel(IoChannel):
     NOMEM queue and its statistics. Modules subclass it to keep per-thread state (a queue pair)."""
 
     cdef bdev_io* get_io(self) noexcept nogil:
-        cdef bdev_io* io = self.free_ios
-        cdef uint32_t index
-        if io == NULL:
-            return NULL
-        self.free_ios = io.next
-        self.nfree -= 1
-        index = io.index
-        memset(io, 0, sizeof(bdev_io))
-        io.index = index
-        return io
+        return _get_io(self)
 
     cdef void put_io(self, bdev_io* io) noexcept nogil:
-        io.next = self.free_ios
-        self.free_ios = io
-        self.nfree += 1
+        _put_io(self, io)
 
     cdef int poll(self) noexcept nogil:
         cdef int work = 0
@@ -1157,7 +1181,7 @@ cdef class Descriptor:
         rc = _check(self, c, t, offset_blocks, num_blocks)
         if rc != 0:
             self._raise(rc, t, c)
-        io = c.get_io()
+        io = _get_io(c)
         if io == NULL:
             self._raise(-ENOMEM, t, c)
         _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
@@ -1165,15 +1189,15 @@ cdef class Descriptor:
         if (_DATA_TYPES >> t) & 1:
             need = num_blocks << self.bdev.block_shift
             if buf is None:
-                c.put_io(io)
+                _put_io(c, io)
                 raise InvalidArgument(f"{IO_TYPE_NAMES[t]} needs a buffer")
             if isinstance(buf, DmaBuffer):
                 dbuf = <DmaBuffer> buf
                 if dbuf.freed:
-                    c.put_io(io)
+                    _put_io(c, io)
                     dbuf.check_live()
                 if dbuf.nbytes() < need:
-                    c.put_io(io)
+                    _put_io(c, io)
                     raise InvalidArgument(f"the buffer holds {dbuf.nbytes()} bytes; "
                                           f"{num_blocks} blocks need {need}")
                 io.iov.iov_base = dbuf.data()
@@ -1191,7 +1215,7 @@ cdef class Descriptor:
                                               f"{num_blocks} blocks need {need}")
                     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
                 except BaseException:
-                    c.put_io(io)
+                    _put_io(c, io)
                     raise
                 io.iov.iov_base = view.buf
                 PyBuffer_Release(&view)      # `mv` keeps the export alive until completion
@@ -1213,7 +1237,7 @@ cdef class Descriptor:
             Py_XDECREF(io.py_cb)
             Py_XDECREF(io.py_ref)
             io.py_cb = io.py_ref = NULL
-            c.put_io(io)
+            _put_io(c, io)
             self._raise(rc, t, c)
 
     def submitv(self, ch, io_type, buffers, uint64_t offset_blocks, cb=None):
@@ -1249,13 +1273,13 @@ cdef class Descriptor:
         rc = _check(self, c, t, offset_blocks, num_blocks)
         if rc != 0:
             self._raise(rc, t, c)
-        io = c.get_io()
+        io = _get_io(c)
         if io == NULL:
             self._raise(-ENOMEM, t, c)
         _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
         io.iovs = <iovec*> malloc(n * sizeof(iovec))
         if io.iovs == NULL:
-            c.put_io(io)
+            _put_io(c, io)
             raise MemoryError()
         io.iovcnt = n
         io.flags = IOF_PY | IOF_OWN_IOVS
@@ -1281,7 +1305,7 @@ cdef class Descriptor:
             Py_XDECREF(io.py_cb)
             Py_XDECREF(io.py_ref)
             free(io.iovs)
-            c.put_io(io)
+            _put_io(c, io)
             self._raise(rc, t, c)
 
     # -- convenience, in blocks and in bytes --
