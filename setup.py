@@ -21,7 +21,7 @@ def extensions():
         Extension(
             os.path.splitext(src)[0].replace(os.sep, "."),
             [src],
-            extra_compile_args=["-O2", "-Wno-unused-function", "-Wno-unreachable-code"],
+            extra_compile_args=["-O3", "-Wno-unused-function", "-Wno-unreachable-code"],
         )
         for src in sources
     ]

@@ -10,8 +10,9 @@ What the layer does between the caller and the module, in the spirit of SPDK's l
 - validates every I/O at submission (descriptor open and writable, channel of this thread and this
   bdev, range inside the device, I/O type supported) and refuses bad ones with an error before the
   module sees them;
-- bounces buffers the module cannot use (misaligned for it, or not DMA memory for a real device)
-  through DMA memory, copying in before a write and out after a read;
+- bounces buffers the module cannot use through DMA memory, copying in before a write and out
+  after a read: misaligned for it (checked here), or not DMA memory for a real device (the
+  module of a `dma_required` bdev refuses those with -EFAULT, and the layer retries bounced);
 - splits I/O at the module's maximum transfer and, when asked, at the optimal I/O boundary;
 - emulates Write Zeroes with writes of a zero buffer where the module lacks it;
 - queues I/O the module refuses for lack of resources (-ENOMEM) and resubmits it from the poller;
@@ -31,15 +32,14 @@ import uuid as _uuid
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EACCES, EBADF, EINVAL, ENODEV, ENOMEM, ENXIO, EOPNOTSUPP, EPERM, ERANGE,
-                         EXDEV)
+from libc.errno cimport (EACCES, EBADF, EFAULT, EINVAL, ENODEV, ENOMEM, ENXIO, EOPNOTSUPP, EPERM,
+                         ERANGE, EXDEV)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.uio cimport iovec
 
 from env.histogram cimport Histogram
-from env.memmap cimport IOVA_INVALID, vtophys
 from env.memory cimport DmaBuffer
 from env.thread cimport IoChannel, IoDevice, Poller, Thread
 from env.ticks cimport get_ticks
@@ -497,13 +497,15 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
 
 cdef void _child_done(BdevChannel ch, bdev_io* child) noexcept nogil:
     cdef bdev_io* parent = child.parent
+    if child.flags & IOF_BOUNCE:
+        _bounce_finish(child, child.status == IO_SUCCESS)
     if child.status != IO_SUCCESS and not parent.child_status:
         parent.child_status = child.status
         parent.child_nvme_status = child.nvme_status
         parent.nvme_cdw0 = child.nvme_cdw0
         parent.error = child.error
     if child.flags & IOF_OWN_IOVS:
-        free(child.iovs)
+        free(child.user_iovs if child.flags & IOF_BOUNCE else child.iovs)
     _put_io(ch, child)
     parent.children_left -= 1
     if parent.split_next < parent.offset_blocks + parent.num_blocks and not parent.child_status:
@@ -529,6 +531,10 @@ cdef inline int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
     io.flags |= IOF_IN_SUBMIT
     ch.in_module += 1
     rc = ch.bdev.submit_request(ch, io)
+    if (rc == -EFAULT and ch.bdev.dma_required and (_DATA_TYPES >> io.type) & 1
+            and not io.flags & IOF_BOUNCE and _bounce_setup(ch.bdev, io) == 0):
+        # memory the device cannot reach (not DMA-registered): once more, through DMA memory
+        rc = ch.bdev.submit_request(ch, io)
     io.flags &= ~IOF_IN_SUBMIT
     if rc == 0:
         return 0
@@ -547,24 +553,19 @@ cdef inline int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
     return 0
 
 
-cdef inline bint _usable(Bdev b, bdev_io* io) noexcept nogil:
-    """Can the module transfer to/from the caller's memory as it is?"""
+cdef inline bint _aligned(Bdev b, bdev_io* io) noexcept nogil:
+    """Does every segment start and end where the module needs (required_alignment)? Whether
+    the memory is DMA-able is the module's to say: it refuses with -EFAULT and the layer
+    bounces then (see _start), which spares a translation per I/O in the common case."""
     cdef uint32_t i
-    cdef uint64_t va, n, left
+    cdef uint64_t mask = b.required_alignment - 1
+    if mask == 0:
+        return True
     for i in range(io.iovcnt):
-        va = <uint64_t> <uintptr_t> io.iovs[i].iov_base
         # O_DIRECT and DMA engines want both the address and the length of every segment
         # aligned (a split can also start a child at any segment boundary)
-        if b.required_alignment > 1 and (va | io.iovs[i].iov_len) & (b.required_alignment - 1):
+        if (<uint64_t> <uintptr_t> io.iovs[i].iov_base | io.iovs[i].iov_len) & mask:
             return False
-        if b.dma_required:
-            left = io.iovs[i].iov_len
-            while left:
-                n = left
-                if vtophys(va, &n) == IOVA_INVALID:
-                    return False
-                va += n
-                left -= n
     return True
 
 
@@ -626,7 +627,7 @@ cdef inline int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
     errno (then nothing was started and `io` is still the caller's)."""
     cdef int rc
     io.submit_tick = get_ticks()
-    if (_DATA_TYPES >> io.type) & 1 and not _usable(ch.bdev, io):
+    if (_DATA_TYPES >> io.type) & 1 and not _aligned(ch.bdev, io):
         rc = _bounce_setup(ch.bdev, io)
         if rc != 0:
             return rc

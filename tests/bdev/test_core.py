@@ -529,3 +529,39 @@ def test_a_thread_destroyed_with_a_channel_still_held():
     assert out == [True] and b.stats()["num_read_ops"] == 1
     d.close()
     b.unregister()
+
+
+def test_memory_a_dma_device_refuses_is_bounced():
+    """A module of a DMA device refuses memory it cannot reach with -EFAULT; the layer then
+    retries through a DMA bounce buffer (reads are copied back), each I/O completing once."""
+    from env.errors import TranslationError
+    from env.memmap import translate
+
+    class DmaOnly(RecordingBdev):
+        refused = 0
+
+        def submit(self, io):
+            for mv in io.buffers():
+                import ctypes
+                try:
+                    translate(ctypes.addressof(ctypes.c_char.from_buffer(mv)), mv.nbytes)
+                except TranslationError:
+                    self.refused += 1
+                    return -14                  # -EFAULT
+            return super().submit(io)
+
+    b = DmaOnly("RecDmaOnly", dma_required=True, max_transfer_blocks=4).register()
+    desc = bdev.open_bdev("RecDmaOnly", write=True)
+    ch = desc.get_io_channel()
+    try:
+        data = bytes(range(256)) * 16             # 4096 bytes of ordinary memory: 2 children
+        desc.write_sync(ch, bytearray(data), 0)
+        out = bytearray(4096)
+        desc.read_sync(ch, out, 0)
+        assert out == data and b.data[:4096] == data
+        assert b.refused == 4                     # each child once, then bounced
+        dma = memory.allocate(4096)
+        desc.read_sync(ch, dma, 0)                # DMA memory goes straight through
+        assert b.refused == 4
+    finally:
+        teardown(b, desc, ch)
