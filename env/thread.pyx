@@ -62,8 +62,10 @@ log = logging.getLogger("userblk.env.thread")
 cdef extern from *:
     """
     /* The Thread current on this OS thread. One copy per process: it lives in this module, and
-       other extension modules reach it through current_thread_ptr(). */
-    static __thread void *ublk_tls_current;
+       other extension modules reach it through current_thread_ptr(). Initial-exec: a module
+       loaded with dlopen() would otherwise call __tls_get_addr on every access (three per poll
+       iteration, one per I/O submission); one pointer fits glibc's static TLS surplus. */
+    static __thread void *ublk_tls_current __attribute__((tls_model("initial-exec")));
     static inline void *ublk_tls_get(void) { return ublk_tls_current; }
     static inline void ublk_tls_set(void *t) { ublk_tls_current = t; }
     """
