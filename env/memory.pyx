@@ -377,8 +377,10 @@ def _alloc_auto(size_t npages, size_t align_pages):
     try:
         return _heaps["hugepage-2M"].alloc(npages, align_pages)
     except DmaMemoryError as e:
-        _warn_once("fallback", "no free 2 MiB hugepages (%s); DMA memory is hugepage-free "
-                   "(anonymous mmap + mlock) from now on where hugepages run out", e)
+        _warn_once("fallback", "no free 2 MiB hugepages: DMA memory comes from anonymous mmap + "
+                   "mlock instead (fine with an IOMMU or for in-memory devices; `userblk setup` "
+                   "reserves hugepages)")
+        log.debug("hugepage allocation failed: %s", e)
         return _heaps["anonymous"].alloc(npages, align_pages)
 
 

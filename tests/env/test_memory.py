@@ -86,7 +86,7 @@ def test_fallback_is_logged_once(caplog):
         b = memory.allocate(3 * MiB)
     a.free()
     b.free()
-    msgs = [r.getMessage() for r in caplog.records if "hugepage-free" in r.getMessage()]
+    msgs = [r.getMessage() for r in caplog.records if "no free 2 MiB hugepages" in r.getMessage()]
     assert len(msgs) == 1
 
 
