@@ -536,7 +536,9 @@ cdef inline int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
         # memory the device cannot reach (not DMA-registered): once more, through DMA memory
         rc = ch.bdev.submit_request(ch, io)
     io.flags &= ~IOF_IN_SUBMIT
-    if rc == 0:
+    if rc == 0 or io.status != IO_PENDING:
+        # (a module that completed the I/O and then reported an error anyway: the completion
+        # stands, so the I/O still completes exactly once)
         return 0
     ch.in_module -= 1
     if rc == -ENOMEM:

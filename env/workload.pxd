@@ -9,8 +9,11 @@ cdef struct io_task:
     uint32_t length          # bytes
     uint32_t index
     uint8_t is_read
+    uint8_t verify_phase     # verify: 0 writing the pattern, 1 reading it back
     uint64_t start_ns
     uint64_t target_data     # free for the target adapter
+    char* wbuf               # verify: the pattern written
+    char* rbuf               # verify: where it is read back
 
 # A target adapter: start one I/O (0 or a negative errno) and reap completions (how many, or a
 # negative errno). The adapter calls `workload_complete(task, ok)` for every I/O it started.
@@ -36,6 +39,13 @@ cdef class Workload:
     cdef readonly double seconds
     cdef readonly bint random
     cdef readonly uint32_t read_pct
+    cdef readonly bint verify
+    cdef uint32_t job
+    cdef uint64_t generation
+    cdef uint64_t miscompares
+    cdef uint64_t examples[8][3]     # (offset, first differing byte, generation) of miscompares
+    cdef uint8_t example_bytes[8][32]  # 16 bytes expected, 16 read, from that byte
+    cdef uint32_t nexamples
     cdef uint64_t rng
     cdef uint64_t seq_next
     cdef uint64_t completed
@@ -51,4 +61,6 @@ cdef class Workload:
 
     cdef void start_io(self, io_task* t) noexcept nogil
     cdef void io_done(self, io_task* task, bint ok) noexcept nogil
+    cdef void verify_done(self, io_task* t) noexcept nogil
+    cdef void fill_pattern(self, io_task* t) noexcept nogil
     cdef void set_target(self, submit_fn submit, poll_fn poll, void* target, object owner)

@@ -11,7 +11,7 @@ Workload per OS thread and merges their histograms.
 """
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memset
+from libc.string cimport memcmp, memcpy, memset
 
 from env.histogram cimport Histogram
 from env.memory cimport DmaBuffer
@@ -21,7 +21,9 @@ from env import memory as _memory
 from env.errors import InvalidArgument, UserblkError
 
 
-WORKLOADS = ("read", "write", "randread", "randwrite", "rw", "randrw")
+WORKLOADS = ("read", "write", "randread", "randwrite", "rw", "randrw", "verify")
+cdef enum:
+    MAX_EXAMPLES = 8          # miscompares described in the results
 
 
 
@@ -48,7 +50,7 @@ cdef class Workload:
     def __init__(self, *, uint32_t queue_depth=32, uint32_t io_size=4096, workload="randread",
                  double seconds=1.0, uint64_t range_bytes, uint32_t block_size=512,
                  uint32_t read_pct=50, uint64_t offset_bytes=0, uint64_t seed=0x9E3779B97F4A7C15,
-                 buffer_align=4096):
+                 buffer_align=4096, uint32_t job=0):
         if workload not in WORKLOADS:
             raise InvalidArgument(f"workload must be one of {', '.join(WORKLOADS)}, not {workload!r}")
         if queue_depth < 1 or queue_depth > 65536:
@@ -71,20 +73,31 @@ cdef class Workload:
         self.random = workload.startswith("rand")
         kind = workload[4:] if self.random else workload
         self.read_pct = 100 if kind == "read" else 0 if kind == "write" else read_pct
+        # verify (bdevperf's): every slot writes a pattern at the next offset, reads it back into
+        # a cleared buffer and compares; sequential, so no two I/Os in flight share an offset
+        self.verify = workload == "verify"
+        self.job = job
+        self.generation = seed & 0xFFFF
+        if self.verify and self.range_bytes // io_size < queue_depth:
+            raise InvalidArgument(f"verify needs a range of at least queue depth x I/O size "
+                                  f"({queue_depth} x {io_size} bytes); it has {self.range_bytes}")
         self.rng = seed or 1
         self.histogram = Histogram()
         self.tasks = <io_task*> calloc(queue_depth, sizeof(io_task))
         if self.tasks == NULL:
             raise MemoryError()
-        buf = _memory.allocate(queue_depth * io_size, max(4096, buffer_align))
+        cdef size_t per_task = io_size * (2 if self.verify else 1)
+        buf = _memory.allocate(queue_depth * per_task, max(4096, buffer_align))
         self.buffers = buf
         cdef uint32_t i
         for i in range(queue_depth):
             self.tasks[i].workload = <void*> self
-            self.tasks[i].buf = (<DmaBuffer> buf).data() + <size_t> i * io_size
+            self.tasks[i].buf = (<DmaBuffer> buf).data() + <size_t> i * per_task
+            self.tasks[i].wbuf = self.tasks[i].buf
+            self.tasks[i].rbuf = self.tasks[i].buf + (io_size if self.verify else 0)
             self.tasks[i].length = io_size
             self.tasks[i].index = i
-        memset((<DmaBuffer> buf).data(), 0xA5, queue_depth * io_size)
+        memset((<DmaBuffer> buf).data(), 0xA5, queue_depth * per_task)
 
     def __dealloc__(self):
         free(self.tasks)
@@ -106,20 +119,76 @@ cdef class Workload:
             self.histogram.tally(now - task.start_ns)
         else:
             self.errors += 1
+        if self.verify and ok:
+            if task.verify_phase == 0:
+                if not self.stopping:
+                    # written: read it back into a cleared buffer
+                    memset(task.rbuf, 0, task.length)
+                    task.verify_phase = 1
+                    task.buf = task.rbuf
+                    task.is_read = 1
+                    task.start_ns = now_ns()
+                    if self.submit(self.target, task) != 0:
+                        self.submit_errors += 1
+                        self.stopping = True
+                    else:
+                        self.outstanding += 1
+                return
+            self.verify_done(task)
         if not self.stopping:
             self.start_io(task)
+
+    cdef void verify_done(self, io_task* t) noexcept nogil:
+        cdef uint32_t i, n
+        if memcmp(t.wbuf, t.rbuf, t.length) == 0:
+            return
+        self.miscompares += 1
+        if self.nexamples < MAX_EXAMPLES:
+            i = 0
+            while i < t.length and t.wbuf[i] == t.rbuf[i]:
+                i += 1
+            self.examples[self.nexamples][0] = t.offset
+            self.examples[self.nexamples][1] = i
+            self.examples[self.nexamples][2] = self.generation
+            n = min(16, t.length - i)
+            memcpy(&self.example_bytes[self.nexamples][0], t.wbuf + i, n)
+            memcpy(&self.example_bytes[self.nexamples][16], t.rbuf + i, n)
+            self.nexamples += 1
+
+    cdef void fill_pattern(self, io_task* t) noexcept nogil:
+        """A pattern no other write leaves: a fill byte, and at the start of every block its
+        number, the write's generation and the job."""
+        cdef uint64_t* hdr
+        cdef uint32_t pos
+        cdef uint64_t g
+        self.generation += 1
+        g = self.generation
+        memset(t.wbuf, <int> ((g * 31 + self.job * 7 + (t.offset // t.length)) & 0xFF) or 0x5A,
+               t.length)
+        pos = 0
+        while pos + 24 <= t.length:
+            hdr = <uint64_t*> (t.wbuf + pos)
+            hdr[0] = (t.offset + pos) // self.block_size
+            hdr[1] = g
+            hdr[2] = self.job
+            pos += self.block_size
 
     cdef void start_io(self, io_task* t) noexcept nogil:
         cdef uint64_t slots = self.range_bytes // self.io_size
         cdef int rc
-        if self.random:
+        if self.random and not self.verify:
             t.offset = self.offset_bytes + (xorshift(&self.rng) % slots) * self.io_size
         else:
             t.offset = self.offset_bytes + self.seq_next * self.io_size
             self.seq_next += 1
             if self.seq_next == slots:
                 self.seq_next = 0
-        if self.read_pct == 100:
+        if self.verify:
+            t.verify_phase = 0
+            t.buf = t.wbuf
+            t.is_read = 0
+            self.fill_pattern(t)
+        elif self.read_pct == 100:
             t.is_read = 1
         elif self.read_pct == 0:
             t.is_read = 0
@@ -152,6 +221,7 @@ cdef class Workload:
         cdef uint64_t drain_deadline
         self.histogram.reset()
         self.completed = self.completed_reads = self.errors = self.submit_errors = 0
+        self.miscompares = self.nexamples = 0
         self.bytes_done = 0
         self.stopping = False
         with nogil:
@@ -193,4 +263,12 @@ cdef class Workload:
             "latency_us": {k: (v / 1000.0 if k != "count" else v) for k, v in summary.items()},
             "queue_depth": self.queue_depth,
             "io_size": self.io_size,
-        }
+        } | ({"miscompares": self.miscompares,
+              "miscompare_examples": [self._example(i) for i in range(self.nexamples)]}
+             if self.verify else {})
+
+    def _example(self, uint32_t i):
+        n = min(16, self.io_size - self.examples[i][1])
+        raw = bytes(self.example_bytes[i][:32])
+        return {"offset": self.examples[i][0], "byte": self.examples[i][1],
+                "expected": raw[:n].hex(), "read": raw[16:16 + n].hex()}

@@ -12,10 +12,10 @@ main thread once a second) and the process's RSS, and prints. A Workload's run()
 thread, so every job has an OS thread of its own: `-j 2 -b A,B` runs four (with `-m`, the jobs of
 one core are pinned to that core and share it).
 
-`verify` (bdevperf's verify) writes a pattern (per block: offset, generation, job; the rest a fill
-byte) and reads it back into a cleared buffer, comparing; miscompares are counted and the first
-ones described. Its I/O loop is Python (a callback per I/O through the bdev layer's Python path),
-so its IOPS check correctness, not speed. Jobs of one bdev verify disjoint parts of it.
+`verify` (bdevperf's verify) writes a pattern (per block: its number, a generation, the job; the
+rest a fill byte) and reads it back into a cleared buffer, comparing; miscompares are counted and
+the first ones described. It runs in the same C loop as the other workloads. Jobs of one bdev
+verify disjoint parts of it.
 
 Ctrl-C (or SIGTERM) stops the jobs; the figures of the time run so far are printed and saved, and
 the exit status is 130.
@@ -29,7 +29,6 @@ import re
 import resource
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -237,172 +236,6 @@ def machine_info():
     return info
 
 
-# ---- verify: write a pattern, read it back, compare -------------------------------------------
-_HEADER = struct.Struct("<QQI")        # offset in blocks, generation, job
-
-
-class Verifier:
-    """bdevperf's verify on one channel: every I/O slot writes a pattern at the next offset of
-    its region, reads it back into a cleared buffer and compares. Runs on the channel's thread;
-    `completed` (writes + reads done) and `stop()` may be used from others."""
-
-    MAX_REPORTED = 10
-
-    def __init__(self, desc, ch, *, queue_depth, io_size, seconds, offset_bytes, range_bytes,
-                 job, seed=1):
-        from env import memory
-        from env.histogram import Histogram
-        self.desc, self.ch, self.thread = desc, ch, ch.thread
-        self.queue_depth, self.io_size, self.seconds = queue_depth, io_size, seconds
-        self.block_size = desc.bdev.block_size
-        self.offset_bytes = offset_bytes
-        self.slots = range_bytes // io_size
-        if self.slots < queue_depth:
-            raise UsageError(f"verify on {desc.bdev.name}: a job's part of the bdev holds "
-                             f"{self.slots} I/Os of {io_size} bytes, fewer than the queue depth "
-                             f"{queue_depth} (use a smaller -q or -o, fewer threads, or a larger "
-                             "bdev)")
-        self.job = job & 0xFFFFFFFF
-        self.histogram = Histogram()
-        self.completed = self.reads = self.writes = self.errors = self.miscompares = 0
-        self.submit_errors = 0
-        self.bytes_done = 0
-        self.reported = []
-        self.generation = seed
-        self.next_slot = 0
-        self.outstanding = 0
-        self.stopping = False
-        self.cancel = False
-        self._zero = bytes(io_size)
-        self._wbufs = [memory.allocate(io_size) for _ in range(queue_depth)]
-        self._rbufs = [memory.allocate(io_size) for _ in range(queue_depth)]
-        self._expected = [None] * queue_depth
-        self._offsets = [0] * queue_depth
-        self._start_ns = [0] * queue_depth
-        self._wcb = [self._make_cb(i, self._written) for i in range(queue_depth)]
-        self._rcb = [self._make_cb(i, self._read) for i in range(queue_depth)]
-        self.start_ns = self.end_ns = 0
-
-    @staticmethod
-    def _make_cb(i, fn):
-        return lambda ok, status: fn(i, ok, status)
-
-    def stop(self):
-        self.cancel = True
-
-    def _pattern(self, offset):
-        self.generation += 1
-        g = self.generation
-        data = bytearray([(g * 31 + self.job * 7 + (offset // self.io_size)) & 0xFF or 0x5A]) \
-            * self.io_size
-        blk = offset // self.block_size
-        for k, pos in enumerate(range(0, self.io_size, self.block_size)):
-            _HEADER.pack_into(data, pos, blk + k, g, self.job)
-        return bytes(data)
-
-    def _start(self, i):
-        if self.stopping:
-            return
-        offset = self.offset_bytes + self.next_slot * self.io_size
-        self.next_slot = (self.next_slot + 1) % self.slots
-        expected = self._pattern(offset)
-        memoryview(self._wbufs[i])[:] = expected
-        self._expected[i] = expected
-        self._offsets[i] = offset
-        self._start_ns[i] = time.monotonic_ns()
-        try:
-            self.desc.write(self.ch, self._wbufs[i], offset, cb=self._wcb[i])
-        except UserblkError:
-            self.submit_errors += 1
-            self.stopping = True
-            return
-        self.outstanding += 1
-
-    def _written(self, i, ok, status):
-        now = time.monotonic_ns()
-        self.outstanding -= 1
-        if not ok:
-            self.errors += 1
-            self._start(i)
-            return
-        self.histogram.add(now - self._start_ns[i])
-        self.completed += 1
-        self.writes += 1
-        self.bytes_done += self.io_size
-        memoryview(self._rbufs[i])[:] = self._zero
-        self._start_ns[i] = time.monotonic_ns()
-        try:
-            self.desc.read(self.ch, self._rbufs[i], self._offsets[i], cb=self._rcb[i])
-        except UserblkError:
-            self.submit_errors += 1
-            self.stopping = True
-            return
-        self.outstanding += 1
-
-    def _read(self, i, ok, status):
-        now = time.monotonic_ns()
-        self.outstanding -= 1
-        if not ok:
-            self.errors += 1
-        else:
-            self.histogram.add(now - self._start_ns[i])
-            self.completed += 1
-            self.reads += 1
-            self.bytes_done += self.io_size
-            got = memoryview(self._rbufs[i])
-            if got != self._expected[i]:
-                self._miscompare(i, bytes(got))
-        self._start(i)
-
-    def _miscompare(self, i, got):
-        self.miscompares += 1
-        if len(self.reported) < self.MAX_REPORTED:
-            want = self._expected[i]
-            at = next(k for k in range(len(want)) if want[k] != got[k])
-            self.reported.append({"offset": self._offsets[i], "byte": at,
-                                  "expected": want[at:at + 16].hex(),
-                                  "read": got[at:at + 16].hex()})
-
-    def run(self, drain_timeout=30.0):
-        self.histogram.reset()
-        self.start_ns = time.monotonic_ns()
-        end = self.start_ns + int(self.seconds * 1e9)
-        for i in range(self.queue_depth):
-            self._start(i)
-        poll = self.thread.poll
-        while not self.stopping:
-            poll()
-            if self.cancel or time.monotonic_ns() >= end:
-                self.stopping = True
-        self.end_ns = time.monotonic_ns()
-        deadline = time.monotonic() + drain_timeout
-        while self.outstanding and time.monotonic() < deadline:
-            poll()
-        if self.outstanding:
-            raise PerfError(f"verify on {self.desc.bdev.name}: {self.outstanding} I/Os did not "
-                            f"complete within {drain_timeout} s")
-        return self.results()
-
-    def results(self):
-        elapsed = max((self.end_ns - self.start_ns) / 1e9, 1e-9)
-        summary = self.histogram.summary()
-        return {"seconds": elapsed, "ios": self.completed, "reads": self.reads,
-                "writes": self.writes, "errors": self.errors,
-                "submit_errors": self.submit_errors, "iops": self.completed / elapsed,
-                "mib_per_s": self.bytes_done / elapsed / (1 << 20),
-                "latency_us": {k: (v / 1000.0 if k != "count" else v)
-                               for k, v in summary.items()},
-                "queue_depth": self.queue_depth, "io_size": self.io_size,
-                "miscompares": self.miscompares, "miscompare_examples": list(self.reported)}
-
-    def free(self):
-        for b in self._wbufs + self._rbufs:
-            try:
-                b.free()
-            except Exception:
-                pass
-
-
 # ---- jobs -------------------------------------------------------------------------------------
 class Job:
     """One (thread, bdev) pair: set up on its own OS thread, then run when told to."""
@@ -445,17 +278,11 @@ class Job:
                 ch = desc.get_io_channel()
                 seed = (o.seed * 0x9E3779B97F4A7C15 + self.index * 0xBF58476D1CE4E5B9) \
                     & 0xFFFFFFFFFFFFFFFF or 1
-                if o.workload == "verify":
-                    self.engine = Verifier(desc, ch, queue_depth=o.queue_depth,
-                                           io_size=o.io_size, seconds=o.seconds,
-                                           offset_bytes=self.offset_bytes,
-                                           range_bytes=self.range_bytes, job=self.index,
-                                           seed=seed & 0xFFFF)
-                else:
-                    self.engine = perf.make_workload(
-                        desc, ch, queue_depth=o.queue_depth, io_size=o.io_size,
-                        workload=o.workload, seconds=o.seconds, read_pct=o.read_pct,
-                        range_bytes=self.range_bytes, offset_bytes=self.offset_bytes, seed=seed)
+                self.engine = perf.make_workload(
+                    desc, ch, queue_depth=o.queue_depth, io_size=o.io_size,
+                    workload=o.workload, seconds=o.seconds, read_pct=o.read_pct,
+                    range_bytes=self.range_bytes, offset_bytes=self.offset_bytes, seed=seed,
+                    job=self.index)
             except BaseException as e:
                 self.error = e
                 return
@@ -470,8 +297,6 @@ class Job:
                 self.error = e
         finally:
             try:
-                if isinstance(self.engine, Verifier):
-                    self.engine.free()
                 if ch is not None:
                     ch.put()
                 if desc is not None:
@@ -610,6 +435,11 @@ class PerfRun:
         for b in self.bdevs:
             share = nthreads if o.workload == "verify" else 1
             part = (b.size // share) // o.io_size * o.io_size
+            if o.workload == "verify" and part // o.io_size < o.queue_depth:
+                raise UsageError(f"verify on {b.name}: a job's part of the bdev holds "
+                                 f"{part // o.io_size} I/Os of {o.io_size} bytes, fewer than the "
+                                 f"queue depth {o.queue_depth} (use a smaller -q or -o, fewer "
+                                 "threads, or a larger bdev)")
             for t in range(nthreads):
                 if o.workload == "verify":
                     off, rng = t * part, part

@@ -565,3 +565,24 @@ def test_memory_a_dma_device_refuses_is_bounced():
         assert b.refused == 4
     finally:
         teardown(b, desc, ch)
+
+
+def test_a_module_that_completes_and_then_fails_still_completes_once():
+    class Confused(RecordingBdev):
+        def submit(self, io):
+            super().submit(io)             # completes it
+            raise RuntimeError("and then changes its mind")
+
+    b, desc, ch = make_stack("RecConfused")
+    b.__class__ = Confused
+    c = Completions()
+    try:
+        for i in range(5):
+            c.submit(desc.read_blocks, i, ch, bytearray(512), i, 1)
+        poll_until(lambda: len(c.done) == 5)
+        for _ in range(5):
+            current_thread().poll()
+        assert len(c.done) == 5 and all(ok for ok, _ in c.done.values())
+        assert ch.outstanding == 0 and ch.free_io_count == b.channel_ios   # nothing leaked
+    finally:
+        teardown(b, desc, ch)
