@@ -5,6 +5,8 @@
                                 `nvme id-ctrl` + `nvme id-ns` (needs root; `emu` for the emulator)
     userblk perf [OPTIONS]      a bdevperf-like workload generator (no options: 3 s of 4 KiB
                                 randread at QD 32 on a 64 MiB malloc bdev; see userblk/perf.py)
+    userblk setup [reset|status] like SPDK's scripts/setup.sh: hugepages, hugetlbfs, NVMe devices
+                                to vfio-pci/uio_pci_generic and back (see env/setup.py)
 """
 import argparse
 import json
@@ -66,6 +68,61 @@ def cmd_perf(args):
         return 2
 
 
+def cmd_setup(args):
+    from env import setup
+    action = args.action
+    given = {name for name in ("hugemem", "hugepages", "node", "driver")
+             if getattr(args, name) is not None}
+    given |= {name for name in ("allow", "block", "dry_run") if getattr(args, name)}
+    allowed = {"config": {"hugemem", "hugepages", "node", "driver", "allow", "block", "dry_run"},
+               "reset": {"hugemem", "hugepages", "allow", "block", "dry_run"},
+               "status": set()}[action]
+    extra = sorted(given - allowed)
+    if extra:
+        flags = ", ".join("--" + name.replace("_", "-") for name in extra)
+        verb = "does" if len(extra) == 1 else "do"
+        print(f"userblk setup {action}: error: {flags} {verb} not apply to {action}",
+              file=sys.stderr)
+        return 2
+    if action == "status":
+        info = setup.status()
+        print(json.dumps(info, indent=2) if args.json else setup.format_status(info))
+        return 0
+    if action == "reset":
+        report = setup.reset(hugepages=args.hugepages, hugemem_mib=args.hugemem, allow=args.allow,
+                             block=args.block, dry_run=args.dry_run)
+    else:
+        report = setup.configure(hugepages=args.hugepages, hugemem_mib=args.hugemem,
+                                 node=args.node, driver=args.driver or "auto", allow=args.allow,
+                                 block=args.block, dry_run=args.dry_run)
+    print(json.dumps(report, indent=2) if args.json else setup.format_report(report))
+    return 0 if report["ok"] else 1
+
+
+SETUP_EPILOG = """\
+actions:
+  config (default)  reserve 2 MiB hugepages (at least --hugemem, never fewer than now), mount
+                    hugetlbfs at /dev/hugepages if no 2 MiB hugetlbfs is mounted, load the driver
+                    and bind every NVMe function to it; skipped, with the reason: functions whose
+                    namespaces are mounted, swapped on or held (LVM, md), --block'ed or not
+                    --allow'ed ones, and those already on a user-space driver
+  reset             give every NVMe function on vfio-pci/uio_pci_generic back to its kernel
+                    driver (nvme), except one a process still holds; --hugemem/--hugepages set
+                    the pool to exactly that (0 frees it); the hugetlbfs mount stays
+  status            hugepages per size and NUMA node; per NVMe function: BDF, vendor:device,
+                    NUMA node, driver, block devices
+
+examples:
+  sudo userblk setup                           2 GiB of hugepages, every idle NVMe to vfio-pci
+  sudo userblk setup --hugemem 512 --allow 0000:00:10.0
+  userblk setup --dry-run                      what it would do (no root needed)
+  sudo userblk setup reset --hugemem 0         everything back to the kernel, hugepages freed
+  userblk setup status
+
+What each device was taken from is kept in /run/userblk/setup.json for reset. Exit status 1
+when not root (without --dry-run) or when a device could not be moved, 2 for bad options."""
+
+
 PERF_EPILOG = """\
 examples:
   userblk perf                                   3 s randread, QD 32, 4 KiB, 64 MiB malloc bdev
@@ -99,6 +156,32 @@ def build_parser():
     i.add_argument("--keep", action="store_true", help="leave the device on vfio-pci/uio "
                    "afterwards instead of giving it back to the kernel driver")
     i.set_defaults(func=cmd_identify)
+
+    s = sub.add_parser("setup", help="like SPDK's setup.sh: reserve hugepages and bind NVMe "
+                       "devices to vfio-pci/uio_pci_generic; `setup reset` gives them back, "
+                       "`setup status` shows them",
+                       description="Prepare this machine for user-space NVMe (SPDK's "
+                       "scripts/setup.sh), give the devices back, or show where they are.",
+                       epilog=SETUP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("action", nargs="?", choices=("config", "reset", "status"), default="config",
+                   help="config (default), reset or status; put it before --allow/--block")
+    size = s.add_mutually_exclusive_group()
+    size.add_argument("--hugemem", type=int, metavar="MIB", help="MiB of 2 MiB hugepages (config: "
+                      "at least this much, default 2048; reset: exactly this much, 0 frees them)")
+    size.add_argument("--hugepages", type=int, metavar="N", help="the same as a count of 2 MiB "
+                      "pages")
+    s.add_argument("--node", type=int, metavar="NODE", help="reserve the hugepages on this NUMA "
+                   "node (default: the kernel spreads them)")
+    s.add_argument("--driver", choices=("auto", "vfio-pci", "uio_pci_generic"), help="auto "
+                   "(default): vfio-pci with an IOMMU or vfio no-IOMMU mode, else uio_pci_generic")
+    s.add_argument("--allow", nargs="+", action="extend", default=[], metavar="BDF",
+                   help="only these PCI functions (e.g. 0000:00:10.0; commas work too)")
+    s.add_argument("--block", nargs="+", action="extend", default=[], metavar="BDF",
+                   help="never these PCI functions")
+    s.add_argument("--dry-run", action="store_true", help="print what would be done, change "
+                   "nothing (no root needed)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=cmd_setup)
 
     from userblk import perf
     pf = sub.add_parser("perf", help="bdevperf-like workload generator (IOPS, MiB/s, latency "
