@@ -151,6 +151,8 @@ cdef class Descriptor:
     cdef readonly bint closed
     cdef object event_cb
     cdef object __weakref__
+    cdef bdev_io* _take_io(self, BdevChannel c, uint8_t t, uint64_t offset_blocks,
+                           uint64_t num_blocks) except NULL
 
 
 # ---- C-level functions --------------------------------------------------------------------------

@@ -1161,6 +1161,19 @@ cdef class Descriptor:
         raise InvalidArgument(f"{what} on {name}: {_ERRNO_TEXT.get(rc, f'errno {rc}')}")
 
 
+    cdef bdev_io* _take_io(self, BdevChannel c, uint8_t t, uint64_t offset_blocks,
+                           uint64_t num_blocks) except NULL:
+        """The checks of a submission, then an I/O object for it (the Python path)."""
+        cdef int rc = _check(self, c, t, offset_blocks, num_blocks)
+        cdef bdev_io* io
+        if rc != 0:
+            self._raise(rc, t, c)
+        io = _get_io(c)
+        if io == NULL:
+            self._raise(-ENOMEM, t, c)
+        _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
+        return io
+
     def submit(self, ch, io_type, buf, uint64_t offset_blocks, uint64_t num_blocks, cb=None):
         """Submit one I/O in blocks: `io_type` is a name (read, write, write_zeroes, unmap,
         flush, reset, compare); `buf` any buffer object (read: writable) or None; `cb(success,
@@ -1181,13 +1194,7 @@ cdef class Descriptor:
                                   f"{', '.join(IO_TYPES)}") from None
         if cb is not None and not callable(cb):
             raise InvalidArgument(f"cb must be callable, not {cb!r}")
-        rc = _check(self, c, t, offset_blocks, num_blocks)
-        if rc != 0:
-            self._raise(rc, t, c)
-        io = _get_io(c)
-        if io == NULL:
-            self._raise(-ENOMEM, t, c)
-        _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
+        io = self._take_io(c, t, offset_blocks, num_blocks)
         ref = None
         if (_DATA_TYPES >> t) & 1:
             need = num_blocks << self.bdev.block_shift
@@ -1273,13 +1280,7 @@ cdef class Descriptor:
             if not v.c_contiguous:
                 raise InvalidArgument("every buffer must be contiguous")
         num_blocks = total // self.bdev.block_size
-        rc = _check(self, c, t, offset_blocks, num_blocks)
-        if rc != 0:
-            self._raise(rc, t, c)
-        io = _get_io(c)
-        if io == NULL:
-            self._raise(-ENOMEM, t, c)
-        _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
+        io = self._take_io(c, t, offset_blocks, num_blocks)
         io.iovs = <iovec*> malloc(n * sizeof(iovec))
         if io.iovs == NULL:
             _put_io(c, io)

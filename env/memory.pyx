@@ -141,21 +141,36 @@ cdef uintptr_t _mmap_hugetlb(size_t size, int page_shift) except 0:
     return <uintptr_t> p
 
 
-def hugetlbfs_mount(page_size=SIZE_2MB, mounts="/proc/mounts"):
-    """The mount point of a hugetlbfs with pages of `page_size` bytes, or None."""
+def hugetlbfs_mounts(mounts="/proc/mounts", default_page_size=None):
+    """Every hugetlbfs mount as (path, page size in bytes, read-only?). A mount without a
+    pagesize option has the kernel's default hugepage size (`default_page_size`, else read
+    from /proc/meminfo)."""
     try:
         with open(mounts) as f:
             lines = f.read().splitlines()
     except OSError:
-        return None
+        return []
+    out = []
     for line in lines:
         fields = line.split()
         if len(fields) < 4 or fields[2] != "hugetlbfs":
             continue
         opts = dict(o.partition("=")[::2] for o in fields[3].split(","))
-        size = _parse_size(opts.get("pagesize", "")) or _default_hugepage_size()
-        if size == page_size and os.access(fields[1], os.W_OK):
-            return fields[1]
+        try:
+            size = _parse_size(opts.get("pagesize", ""))
+        except ValueError:
+            continue
+        size = size or default_page_size or _default_hugepage_size()
+        out.append((fields[1].replace("\\040", " "), size, "ro" in opts))
+    return out
+
+
+def hugetlbfs_mount(page_size=SIZE_2MB, mounts="/proc/mounts"):
+    """The mount point of a hugetlbfs with pages of `page_size` bytes that we may write to, or
+    None."""
+    for path, size, readonly in hugetlbfs_mounts(mounts):
+        if size == page_size and not readonly and os.access(path, os.W_OK):
+            return path
     return None
 
 

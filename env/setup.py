@@ -243,28 +243,10 @@ def find_hugetlbfs(host):
     """The mount point of a read-write hugetlbfs with 2 MiB pages, or None. (Root may write to
     any read-write mount: the test env.memory.hugetlbfs_mount() makes with access(W_OK) is the
     same one for root, and this one also answers for a dry run as a user.)"""
-    try:
-        with open(host.mounts) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 4 or fields[2] != "hugetlbfs":
-            continue
-        opts = fields[3].split(",")
-        if "ro" in opts:
-            continue
-        size = next((o[len("pagesize="):] for o in opts if o.startswith("pagesize=")), None)
-        if size is None:
-            nbytes = _default_page_size(host)
-        else:
-            m = re.fullmatch(r"(\d+)([KMG]?)B?", size.upper())
-            if not m:
-                continue
-            nbytes = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
-        if nbytes == HUGEPAGE_SIZE:
-            return fields[1].replace("\\040", " ")
+    from env.memory import hugetlbfs_mounts
+    for path, size, readonly in hugetlbfs_mounts(host.mounts, _default_page_size(host)):
+        if size == HUGEPAGE_SIZE and not readonly:
+            return path
     return None
 
 

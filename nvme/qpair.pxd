@@ -127,6 +127,7 @@ cdef class QueuePair:
     cdef void free_request(self, nvme_request* req) noexcept nogil
     cdef bint has_free_requests(self, uint32_t n) noexcept nogil
     cdef int submit_request(self, nvme_request* req) noexcept nogil
+    cdef int submit_or_free(self, nvme_request* req) noexcept nogil
     cdef int submit_io(self, uint8_t opc, uint32_t nsid, uint64_t lba, uint32_t nblocks,
                        uint32_t lba_shift, char* buf, uint32_t cdw12_flags, uint32_t cdw13,
                        nvme_cb cb_fn, void* cb_arg) noexcept nogil

@@ -422,6 +422,13 @@ cdef class QueuePair:
             left -= n
         return 0
 
+    cdef int submit_or_free(self, nvme_request* req) noexcept nogil:
+        """submit_request, giving the request back to the pool when it is refused."""
+        cdef int rc = self.submit_request(req)
+        if rc != 0:
+            self.free_request(req)
+        return rc
+
     cdef int submit_request(self, nvme_request* req) noexcept nogil:
         """Submit a built request. 0: accepted (it will complete exactly once); negative errno:
         refused, and the request is still the caller's to free."""
@@ -681,10 +688,7 @@ cdef class QueuePair:
             child.len = total_len
             child.cb_fn = cb_fn
             child.cb_arg = cb_arg
-            rc = self.submit_request(child)
-            if rc != 0:
-                self.free_request(child)
-            return rc
+            return self.submit_or_free(child)
         # split: check everything first, so that either all children go or none does
         nchildren = <uint32_t> ((nblocks + chunk - 1) // chunk)
         if not self.has_free_requests(nchildren + 1):
@@ -837,10 +841,7 @@ cdef class QueuePair:
         req.len = total
         req.cb_fn = cb_fn
         req.cb_arg = cb_arg
-        rc = self.submit_request(req)
-        if rc != 0:
-            self.free_request(req)
-        return rc
+        return self.submit_or_free(req)
 
     # ---- completions ----------------------------------------------------------------------------
     cdef int process_completions_c(self, uint32_t max_completions) noexcept nogil:
