@@ -410,6 +410,25 @@ cdef struct aio_slot:
     aio_slot* next
 
 
+cdef int _submit_iocb(AioChannel ch, aio_slot* s) noexcept nogil:
+    """io_submit of the slot's iocb: 0 when submitted; otherwise the slot is given back and
+    the result is -ENOMEM (the context is busy: retry later) or the error."""
+    cdef iocb* cbs[1]
+    cdef int rc
+    cbs[0] = &s.cb
+    ch.syscalls_submit += 1
+    rc = io_submit(ch.ctx, 1, cbs)
+    if rc == 1:
+        ch.inflight += 1
+        ch.submitted += 1
+        return 0
+    ch._put_slot(s)
+    if rc == 0 or rc == -EAGAIN or rc == -ENOMEM or rc == -EINTR:
+        ch.eagain += 1
+        return -ENOMEM
+    return rc
+
+
 cdef class AioChannel(BdevChannel):
     """A thread's channel to an aio bdev: its AIO context (or io_uring) and request slots."""
     cdef aio_context_t ctx
@@ -754,7 +773,6 @@ cdef class AioBdev(Bdev):
     cdef int _submit_rw(self, AioChannel ch, bdev_io* io, bint write) noexcept nogil:
         cdef aio_slot* s = ch._get_slot()
         cdef iocb* cb
-        cdef iocb* cbs[1]
         cdef uint64_t nbytes = io.num_blocks << self.block_shift
         cdef uint64_t buf
         cdef uint32_t i, nseg
@@ -816,17 +834,9 @@ cdef class AioBdev(Bdev):
         else:
             cb.aio_lio_opcode = IOCB_CMD_PWRITE if write else IOCB_CMD_PREAD
             cb.aio_nbytes = nbytes
-        cbs[0] = cb
-        ch.syscalls_submit += 1
-        rc = io_submit(ch.ctx, 1, cbs)
-        if rc == 1:
-            ch.inflight += 1
-            ch.submitted += 1
-            return 0
-        ch._put_slot(s)
-        if rc == 0 or rc == -EAGAIN or rc == -ENOMEM or rc == -EINTR:
-            ch.eagain += 1
-            return -ENOMEM              # the layer queues it and retries from the poller
+        rc = _submit_iocb(ch, s)
+        if rc == 0 or rc == -ENOMEM:    # -ENOMEM: the layer queues it, retries from the poller
+            return rc
         ch.failed += 1
         ch.last_errno = -rc
         bdev_io_complete(io, IO_FAILED)
@@ -834,7 +844,6 @@ cdef class AioBdev(Bdev):
 
     cdef int _submit_flush(self, AioChannel ch, bdev_io* io) noexcept nogil:
         cdef aio_slot* s
-        cdef iocb* cbs[1]
         cdef io_uring_sqe* sqe
         cdef int rc
         if self.fdsync_async:
@@ -862,17 +871,9 @@ cdef class AioBdev(Bdev):
             s.cb.aio_data = <uintptr_t> s
             s.cb.aio_fildes = self.fd
             s.cb.aio_lio_opcode = IOCB_CMD_FDSYNC
-            cbs[0] = &s.cb
-            ch.syscalls_submit += 1
-            rc = io_submit(ch.ctx, 1, cbs)
-            if rc == 1:
-                ch.inflight += 1
-                ch.submitted += 1
-                return 0
-            ch._put_slot(s)
-            if rc == 0 or rc == -EAGAIN or rc == -ENOMEM or rc == -EINTR:
-                ch.eagain += 1
-                return -ENOMEM
+            rc = _submit_iocb(ch, s)
+            if rc == 0 or rc == -ENOMEM:
+                return rc
             if rc != -EINVAL and rc != -EOPNOTSUPP:
                 ch.failed += 1
                 ch.last_errno = -rc

@@ -34,7 +34,7 @@ QD = 128
 
 def fio_null(qd, seconds):
     if shutil.which("fio") is None:
-        pytest.skip("fio is not installed (apt-get install fio)")
+        pytest.skip(reason="fio is not installed (apt-get install fio)")
     out = subprocess.run(
         ["fio", "--name=null", "--ioengine=null", "--rw=randread", "--bs=4k",
          f"--iodepth={qd}", "--numjobs=1", "--size=1g", f"--runtime={max(1, round(seconds))}",

@@ -47,11 +47,11 @@ def target():
     candidates = [Path("/var/tmp"), ROOT, Path(tempfile.gettempdir())]
     usable = [d for d in candidates if d.is_dir() and os.access(d, os.W_OK)]
     if not usable:
-        pytest.skip("no writable directory for a 256 MiB file")
+        pytest.skip(reason="no writable directory for a 256 MiB file")
     direct_dirs = [d for d in usable if _takes_o_direct(d)]
     directory = (direct_dirs or usable)[0]
     if shutil.disk_usage(directory).free < 2 * SIZE:
-        pytest.skip(f"{directory} has less than {2 * SIZE >> 20} MiB free")
+        pytest.skip(reason=f"{directory} has less than {2 * SIZE >> 20} MiB free")
     fd, path = tempfile.mkstemp(dir=directory, prefix="userblk-aio-bench-", suffix=".img")
     try:
         chunk = os.urandom(1 << 20)
@@ -93,7 +93,7 @@ def _run_ours(path, direct, engine):
 def test_userblk_aio_randread_qd32(benchmark, target, engine):
     from bdev import aio
     if engine == "uring" and not aio.uring_available():
-        pytest.skip("io_uring is not available on this kernel")
+        pytest.skip(reason="io_uring is not available on this kernel")
     path, direct = target
     out = benchmark.pedantic(_run_ours, args=(path, direct, engine), rounds=1, iterations=1)
     assert out["errors"] == 0 and out["submit_errors"] == 0 and out["ios"] > 0
@@ -121,14 +121,14 @@ def fio(path, direct, engine, secs):
 @pytest.mark.parametrize("engine", [p[1] for p in PAIRS])
 def test_fio_randread_qd32(benchmark, target, engine):
     if shutil.which("fio") is None:
-        pytest.skip("fio is not installed (apt-get install fio)")
+        pytest.skip(reason="fio is not installed (apt-get install fio)")
     path, direct = target
     secs = max(1, round(results.seconds()))
     try:
         fig = benchmark.pedantic(fio, args=(path, direct, engine, secs), rounds=1, iterations=1)
     except RuntimeError as e:
         if engine == "io_uring":
-            pytest.skip(f"fio cannot use io_uring here: {e}")
+            pytest.skip(reason=f"fio cannot use io_uring here: {e}")
         raise
     assert fig["iops"] > 0
     FIGURES[("fio", engine)] = fig
@@ -150,7 +150,7 @@ def test_report(target):
                      "fio_mean_us": b["mean_us"], "ours_p99_us": a["p99_us"],
                      "fio_p99_us": b["p99_us"], "mean_latency_ratio": a["mean_us"] / b["mean_us"]})
     if not any(r["ours"] == "bdev.aio aio" for r in rows):
-        pytest.skip("the aio/libaio pair did not run (see the skips above)")
+        pytest.skip(reason="the aio/libaio pair did not run (see the skips above)")
     results.save("bdev_aio_vs_fio", {"seconds": results.seconds(), "file_size": SIZE,
                                      "o_direct": direct, "queue_depth": QD, "io_size": IO_SIZE,
                                      "file_system_dir": str(Path(path).parent), "rows": rows})

@@ -15,7 +15,7 @@ SIZES = [4096, 64 * 1024, 2 * MiB, 16 * MiB]
 
 def _need(backend):
     if backend == "hugepage-2M" and memory.hugepage_status().get(2 * MiB, (0, 0))[1] < 16:
-        pytest.skip("needs 16 free 2 MiB hugepages (benchmarks/test_env_memory_guest.py runs "
+        pytest.skip(reason="needs 16 free 2 MiB hugepages (benchmarks/test_env_memory_guest.py runs "
                     "this in the QEMU guest, which has them)")
 
 

@@ -71,6 +71,18 @@ cdef enum:
     CQE_STATUS_DNR = 0x8000
 
 
+cdef inline bint _translatable(uint64_t va, uint64_t left) noexcept nogil:
+    """Does every byte of [va, va+left) have an IOVA?"""
+    cdef uint64_t n
+    while left:
+        n = left
+        if vtophys(va, &n) == IOVA_INVALID:
+            return False
+        va += n
+        left -= n
+    return True
+
+
 def _state_name(int s):
     return {QP_ENABLED: "enabled", QP_DISCONNECTING: "disconnecting",
             QP_DISCONNECTED: "disconnected", QP_DESTROYED: "destroyed"}.get(s, str(s))
@@ -395,7 +407,7 @@ cdef class QueuePair:
 
     cdef int validate_payload(self, nvme_request* req) noexcept nogil:
         """0 when every byte of the payload has an IOVA and the alignment suits the controller."""
-        cdef uint64_t va, left, n, iova
+        cdef uint64_t va, left
         cdef uint32_t i
         if req.iov != NULL:
             for i in range(req.iovcnt):
@@ -403,24 +415,12 @@ cdef class QueuePair:
                 left = req.iov[i].iov_len
                 if va & 3 or left == 0 or left & 3:
                     return -EINVAL
-                while left:
-                    n = left
-                    if vtophys(va, &n) == IOVA_INVALID:
-                        return -EFAULT
-                    va += n
-                    left -= n
+                if not _translatable(va, left):
+                    return -EFAULT
             return 0
-        va = <uint64_t> <uintptr_t> req.buf
-        left = req.len
-        if va & 3:
+        if <uintptr_t> req.buf & 3:
             return -EINVAL    # PRP entries and SGL data blocks need dword alignment
-        while left:
-            n = left
-            if vtophys(va, &n) == IOVA_INVALID:
-                return -EFAULT
-            va += n
-            left -= n
-        return 0
+        return 0 if _translatable(<uint64_t> <uintptr_t> req.buf, req.len) else -EFAULT
 
     cdef int submit_or_free(self, nvme_request* req) noexcept nogil:
         """submit_request, giving the request back to the pool when it is refused."""

@@ -155,7 +155,7 @@ def dio_dir(tmp_path_factory):
             tried.append(f"{d} ({fs_type(d)})")
         except OSError as e:
             tried.append(f"{d}: {e}")
-    pytest.skip("no writable directory on a file system that takes O_DIRECT; tried "
+    pytest.skip(reason="no writable directory on a file system that takes O_DIRECT; tried "
                 + ", ".join(tried))
 
 
@@ -163,7 +163,7 @@ def dio_dir(tmp_path_factory):
 def tmpfs_dir():
     d = Path("/dev/shm")
     if not (d.is_dir() and os.access(d, os.W_OK) and fs_type(d) == "tmpfs"):
-        pytest.skip("no writable tmpfs at /dev/shm")
+        pytest.skip(reason="no writable tmpfs at /dev/shm")
     sub = Path(tempfile.mkdtemp(dir=d, prefix="aio-tmpfs-"))
     yield sub
     shutil.rmtree(sub, ignore_errors=True)
@@ -178,15 +178,15 @@ def no_direct_dir(tmp_path_factory):
         yield base
         return
     if not IS_ROOT:
-        pytest.skip(f"{base} ({fs_type(base)}) takes O_DIRECT and mounting a ramfs (which does "
+        pytest.skip(reason=f"{base} ({fs_type(base)}) takes O_DIRECT and mounting a ramfs (which does "
                     "not) needs root")
     r = subprocess.run(["mount", "-t", "ramfs", "-o", "size=64m", "userblk-aio-test", str(base)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a ramfs on {base}: {r.stderr.strip()}")
+        pytest.skip(reason=f"cannot mount a ramfs on {base}: {r.stderr.strip()}")
     try:
         if takes_o_direct(base):
-            pytest.skip("this kernel's ramfs takes O_DIRECT: no file system refuses it here")
+            pytest.skip(reason="this kernel's ramfs takes O_DIRECT: no file system refuses it here")
         yield base
     finally:
         subprocess.run(["umount", str(base)], capture_output=True)
@@ -198,7 +198,7 @@ ENGINES = ["aio", "uring"]
 @pytest.fixture(params=ENGINES)
 def engine(request):
     if request.param == "uring" and not aio.uring_available():
-        pytest.skip("io_uring is not available on this kernel (disabled or filtered)")
+        pytest.skip(reason="io_uring is not available on this kernel (disabled or filtered)")
     return request.param
 
 
@@ -386,7 +386,7 @@ def test_unmap_and_write_zeroes_read_back_zeros(make, data_dir, op):
     path = new_file(directory, MiB)
     o = make(path, direct=direct)
     if not o.bdev.io_type_supported(op) and op == "unmap":
-        pytest.skip(f"the file system of {path} ({fs_type(path)}) cannot punch holes")
+        pytest.skip(reason=f"the file system of {path} ({fs_type(path)}) cannot punch holes")
     check_zeroing(o, path, op)
 
 
@@ -394,7 +394,7 @@ def test_unmap_punches_a_hole(make, dio_dir):
     path = new_file(dio_dir, 4 * MiB)
     o = make(path)
     if not o.bdev.io_type_supported("unmap"):
-        pytest.skip(f"{fs_type(path)} cannot punch holes")
+        pytest.skip(reason=f"{fs_type(path)} cannot punch holes")
     before = os.stat(path).st_blocks
     o.desc.unmap_sync(o.ch, MiB, 2 * MiB)
     assert os.stat(path).st_blocks <= before - (2 * MiB) // 512 + 64      # allocation is gone
@@ -782,7 +782,7 @@ def test_block_size_below_the_o_direct_alignment(dio_dir, tmp_path):
     align = b.dio_alignment
     aio.delete("AIOprobe")
     if align <= 512:
-        pytest.skip(f"O_DIRECT on {fs_type(dio_dir)} here needs only {align} bytes: any block "
+        pytest.skip(reason=f"O_DIRECT on {fs_type(dio_dir)} here needs only {align} bytes: any block "
                     "size fits")
     with pytest.raises(InvalidArgument, match=f"alignment O_DIRECT needs on {path}"):
         aio.create("AIOsmall", path, 512)
@@ -809,7 +809,7 @@ def test_no_permission(tmp_path):
     # reachable, which they may not be for an unprivileged user: e.g. a pyenv under /root)
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        pytest.skip("needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE as root")
+        pytest.skip(reason="needs setpriv (util-linux) to drop CAP_DAC_OVERRIDE as root")
     d = Path(tempfile.mkdtemp(prefix="aio-perm-"))
     try:
         p = new_file(d, MiB)
@@ -892,14 +892,14 @@ def loop_device(tmp_path):
 
     def _attach(size, sector_size=512):
         if not IS_ROOT:
-            pytest.skip("setting up a loop device needs root")
+            pytest.skip(reason="setting up a loop device needs root")
         if shutil.which("losetup") is None:
-            pytest.skip("losetup is not installed")
+            pytest.skip(reason="losetup is not installed")
         backing = new_file(tmp_path, size)
         r = subprocess.run(["losetup", "-f", "--show", "--sector-size", str(sector_size),
                             str(backing)], capture_output=True, text=True)
         if r.returncode != 0:
-            pytest.skip(f"losetup cannot attach a loop device: {r.stderr.strip()}")
+            pytest.skip(reason=f"losetup cannot attach a loop device: {r.stderr.strip()}")
         dev = r.stdout.strip()
         made.append(dev)
         return dev, backing

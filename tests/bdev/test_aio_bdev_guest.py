@@ -26,7 +26,7 @@ ENGINES = ["aio", "uring"]
 @pytest.fixture(params=ENGINES)
 def opened(request):
     if request.param == "uring" and not aio.uring_available():
-        pytest.skip("io_uring is not available in the guest kernel")
+        pytest.skip(reason="io_uring is not available in the guest kernel")
     dev = block_device(BDF, 1)
     b = aio.create(f"NVMeAio-{request.param}", dev, engine=request.param)
     d = bdev.open_bdev(b.name, write=True)

@@ -327,7 +327,7 @@ def _module(name):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        pytest.skip(f"{name} is not available yet ({e})")
+        pytest.skip(reason=f"{name} is not available yet ({e})")
 
 
 def test_nvme_emulated_controller_save_teardown_load():

@@ -79,7 +79,7 @@ def test_backend_is_visible():
 
 def test_fallback_is_logged_once(caplog):
     if free_hugepages():
-        pytest.skip("hugepages are reserved here, so auto does not fall back")
+        pytest.skip(reason="hugepages are reserved here, so auto does not fall back")
     memory._warned.discard("fallback")
     with caplog.at_level("WARNING", logger="userblk.env.memory"):
         a = memory.allocate(3 * MiB)
@@ -165,7 +165,7 @@ def test_errors_share_one_hierarchy():
 
 def test_hugepages_requested_but_absent_is_a_clear_error():
     if free_hugepages():
-        pytest.skip("hugepages are reserved here")
+        pytest.skip(reason="hugepages are reserved here")
     with pytest.raises(DmaMemoryError, match="hugepages"):
         memory.allocate(4096, backend="hugepage-2M")
 
@@ -181,7 +181,7 @@ def test_hugepage_buffer():
 @needs_hugepages
 def test_hugetlbfs_buffer_is_shared_between_processes(tmp_path):
     if memory.hugetlbfs_mount() is None:
-        pytest.skip("no hugetlbfs mounted")
+        pytest.skip(reason="no hugetlbfs mounted")
     with memory.allocate(2 * MiB, backend="hugetlbfs", shared=True) as b:
         assert b.path and os.path.exists(b.path)
         memoryview(b)[:5] = b"hello"

@@ -142,7 +142,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def guest_config() -> GuestConfig:
     """Inside the guest: the configuration this guest was booted with."""
     if not in_guest():
-        pytest.skip("guest_config exists only inside a guest")
+        pytest.skip(reason="guest_config exists only inside a guest")
     return GuestConfig.from_json(os.environ[CONFIG_ENV])
 
 
@@ -152,12 +152,12 @@ def guest_image(request: pytest.FixtureRequest):
     --guest=require, fails) with the reason when guests cannot run here."""
     host: HostSide | None = request.config.pluginmanager.get_plugin("userblk-guest-host")
     if host is None:
-        pytest.skip("no nested guests: this already runs inside one")
+        pytest.skip(reason="no nested guests: this already runs inside one")
     problem = host.unavailable()
     if problem:
         if host.mode == "require":
             pytest.fail(f"{problem} (--guest=require)", pytrace=False)
-        pytest.skip(problem)
+        pytest.skip(reason=problem)
     return host.image
 
 

@@ -81,7 +81,7 @@ def test_fails():
 
 
 def test_skips():
-    pytest.skip("deliberately skipped in the guest")
+    pytest.skip(reason="deliberately skipped in the guest")
 
 
 def test_crashes_the_guest():
