@@ -250,31 +250,22 @@ cdef dict _stats_dict(const bdev_stats* s):
 
 
 cdef inline bdev_io* _get_io(BdevChannel ch) noexcept nogil:
-    """A clean I/O object from the channel's pool (NULL when empty). Only what the layer reads
-    before writing is cleared; the module's driver_ctx is the module's to initialise."""
+    """An I/O object from the channel's pool (NULL when empty). Only what every I/O reads is
+    reset here; the rest is kept NULL/zero by whoever used it (the Python references and the
+    bounce buffer are cleared when they are released) or is set before it is read (parent and
+    split fields with their flags, the caller's iovec with IOF_BOUNCE). The module's driver_ctx
+    is the module's to initialise."""
     cdef bdev_io* io = ch.free_ios
     if io == NULL:
         return NULL
     ch.free_ios = io.next
     ch.nfree -= 1
-    io.next = NULL
     io.flags = 0
     io.status = IO_PENDING
     io.error = 0
     io.nvme_status = 0
     io.nvme_cdw0 = 0
-    io.iovs = NULL
     io.iovcnt = 0
-    io.user_iovs = NULL
-    io.user_iovcnt = 0
-    io.py_cb = NULL
-    io.py_ref = NULL
-    io.bounce_ref = NULL
-    io.parent = NULL
-    io.children_left = 0
-    io.child_status = 0
-    io.child_nvme_status = 0
-    io.split_next = 0
     return io
 
 
@@ -642,6 +633,7 @@ cdef inline int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
         io.split_next = io.offset_blocks
         io.children_left = 0
         io.child_status = 0
+        io.child_nvme_status = 0
         # children complete through the poller at the earliest, so the parent's callback can
         # never run inside this call
         _split_issue(ch, io)

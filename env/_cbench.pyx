@@ -1,10 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """C-level loops over env primitives, for benchmarks and tests that must measure (or exercise)
 the code as Cython callers see it: no Python call per iteration."""
-from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 
 from env.memmap cimport MemMap, vtophys, IOVA_INVALID
 from env.memory cimport DmaBuffer, Pool
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 
 
@@ -69,3 +70,46 @@ def memcpy_loop(DmaBuffer src, DmaBuffer dst, size_t block, size_t total):
             if d == dlen:
                 d = 0
     return done
+
+
+# ---- a do-nothing I/O target for env.workload: what the engine costs by itself -----------------
+from env.workload cimport Workload, io_task, workload_complete
+
+
+cdef class _NullTarget:
+    cdef io_task** pending
+    cdef uint32_t n
+
+
+cdef int _null_submit(void* target, io_task* t) noexcept nogil:
+    (<_NullTarget> target).pending[(<_NullTarget> target).n] = t
+    (<_NullTarget> target).n = (<_NullTarget> target).n + 1
+    return 0
+
+
+cdef int _null_poll(void* target) noexcept nogil:
+    cdef uint32_t i, n = (<_NullTarget> target).n
+    cdef io_task* batch[256]
+    for i in range(n):
+        batch[i] = (<_NullTarget> target).pending[i]
+    (<_NullTarget> target).n = 0
+    for i in range(n):
+        workload_complete(batch[i], True)
+    return n
+
+
+def run_null_target(**params):
+    """env.workload against a target that completes every I/O at the next poll (at most 256 in
+    flight): the engine's own cost per I/O, the floor of any adapter."""
+    cdef _NullTarget tg = _NullTarget()
+    cdef Workload wl
+    if params.get("queue_depth", 32) > 256:
+        raise ValueError("at most 256 in flight")
+    tg.pending = <io_task**> calloc(256, sizeof(io_task*))
+    params.setdefault("range_bytes", 1 << 30)
+    wl = Workload(**params)
+    wl.set_target(_null_submit, _null_poll, <void*> tg, tg)
+    try:
+        return wl.run()
+    finally:
+        free(tg.pending)
