@@ -6,6 +6,7 @@ from posix.uio cimport iovec
 
 from env.histogram cimport Histogram
 from env.thread cimport IoChannel, IoDevice, Poller
+from nvme.spec cimport nvme_cqe
 
 cdef enum:
     BDEV_IO_READ = 1
@@ -108,6 +109,8 @@ cdef class Bdev(IoDevice):
     cdef readonly list aliases
     cdef readonly object module                 # the module's name ("malloc", "nvme"...)
     cdef uint32_t supported_types               # bit per BDEV_IO_* type
+    cdef uint64_t fast_max_blocks               # reads/writes up to this size never split
+    cdef uint64_t align_mask                    # required_alignment - 1
     cdef readonly bint removed
     cdef list _descs
     cdef object _claim
@@ -149,6 +152,7 @@ cdef class Descriptor:
     cdef readonly Bdev bdev
     cdef readonly bint writable
     cdef readonly bint closed
+    cdef uint32_t io_mask                       # bit per BDEV_IO_* type it may submit now
     cdef object event_cb
     cdef object __weakref__
     cdef bdev_io* _take_io(self, BdevChannel c, uint8_t t, uint64_t offset_blocks,
@@ -164,3 +168,6 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
                       bdev_io_cb cb, void* cb_arg) noexcept nogil
 cdef void bdev_io_complete(bdev_io* io, uint8_t status) noexcept nogil
 cdef void bdev_io_complete_nvme(bdev_io* io, uint16_t cqe_status, uint32_t cdw0) noexcept nogil
+# The same as an NVMe queue pair's completion callback (nvme.qpair.nvme_cb; cb_arg = the
+# bdev_io): a module passes it straight to the driver, no hop in between.
+cdef void bdev_io_nvme_cpl(void* io, const nvme_cqe* cpl) noexcept nogil

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.guest(nvme_backend="null", nvme_size="1G", timeout=180
 BDF = "0000:00:10.0"
 QUEUE_SIZE = 1024
 WORKLOAD = dict(queue_depth=32, io_size=4096, workload="randread")
-PAIRS = 4
+PAIRS = 8
 CASES = [(p, kind) for p in range(PAIRS)
          for kind in (("raw", "bdev") if p % 2 == 0 else ("bdev", "raw"))]
 FIGURES = {}

@@ -1,4 +1,5 @@
 """Helpers shared by the bdev tests: a recording Python module, polling until done."""
+import ctypes
 import time
 
 import bdev
@@ -60,6 +61,9 @@ class RecordingBdev(PyBdev):
             self.nomem -= 1
             return -12                # -ENOMEM: the layer queues and retries
         self.requests.append((io.type, io.offset_blocks, io.num_blocks))
+        if io.type in ("read", "write", "compare"):
+            self.addresses.extend(ctypes.addressof(ctypes.c_char.from_buffer(mv))
+                                  for mv in io.buffers())
         if self.defer:
             self.pending.append(io)
             return 0
