@@ -105,8 +105,53 @@ def make_stack(name, **kw):
     return b, desc, ch
 
 
+def open_malloc(name, size):
+    """A new malloc bdev, a writable descriptor and this thread's channel (`teardown` undoes)."""
+    from bdev import malloc
+    b = malloc.create(name, size=size)
+    desc = bdev.open_bdev(name, write=True)
+    return b, desc, desc.get_io_channel()
+
+
 def teardown(b, desc, ch):
     ch.put()
     desc.close()
     if not b.removed:
         b.unregister()
+
+
+def two_threads_write_read(desc, *, base, stride, count, size, timeout):
+    """Two OS threads, each with its own channel of `desc` (so its own queue pair on an NVMe
+    bdev), write and read back `count` disjoint ranges concurrently: thread k writes
+    `size(i)` bytes at block base + k * 100 * stride + i * stride. Returns the queue pair ids
+    the channels used (one per thread)."""
+    import threading
+    from tests.bdev.test_nvme_bdev import pattern
+    barrier = threading.Barrier(2)
+    errors, qids = [], {}
+
+    def worker(k):
+        try:
+            ch = desc.get_io_channel()
+            qids[k] = ch.queue_pair.qid
+            barrier.wait(timeout)                # both hold their channel at once
+            for i in range(count):
+                data = pattern(size(i), k * 1000 + i)
+                at = (base + k * 100 * stride + i * stride) * desc.bdev.block_size
+                desc.write_sync(ch, data, at)
+                r = bytearray(len(data))
+                desc.read_sync(ch, r, at)
+                assert r == data
+            barrier.wait(timeout)
+            ch.put()
+        except BaseException as e:
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * 5)
+    assert not errors, errors
+    return qids

@@ -7,22 +7,17 @@ import threading
 import pytest
 
 import bdev
-from bdev import malloc, null
+from bdev import null
 from bdev._testing import CSubmitter
 from env import memory
-from tests.bdev.helpers import make_stack, poll_until, teardown
+from tests.bdev.helpers import make_stack, open_malloc, poll_until, teardown
 
 
 @pytest.fixture
 def mall():
-    b = malloc.create("MallocC", size=1 << 20)
-    desc = bdev.open_bdev("MallocC", write=True)
-    ch = desc.get_io_channel()
-    yield b, desc, ch
-    ch.put()
-    desc.close()
-    if not b.removed:
-        b.unregister()
+    stack = open_malloc("MallocC", size=1 << 20)
+    yield stack
+    teardown(*stack)
 
 
 def test_fast_path_round_trip(mall):

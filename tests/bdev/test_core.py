@@ -10,21 +10,17 @@ from bdev.errors import (BdevClaimed, BdevExists, BdevNotFound, BdevRemoved, Des
 from env import memory
 from env.errors import InvalidArgument, ResourceExhausted, WrongThreadError
 from env.thread import current_thread
-from tests.bdev.helpers import Completions, RecordingBdev, make_stack, poll_until, teardown
+from tests.bdev.helpers import (Completions, RecordingBdev, make_stack, open_malloc, poll_until,
+                                teardown)
 
 KiB = 1024
 
 
 @pytest.fixture
 def mall():
-    b = malloc.create("MallocT", size=4 << 20)
-    desc = bdev.open_bdev("MallocT", write=True)
-    ch = desc.get_io_channel()
-    yield b, desc, ch
-    ch.put()
-    desc.close()
-    if not b.removed:
-        b.unregister()
+    stack = open_malloc("MallocT", size=4 << 20)
+    yield stack
+    teardown(*stack)
 
 
 # ---- registry, descriptors, claims ----------------------------------------------------------------

@@ -20,6 +20,7 @@ from nvme.emu import EmulatedController
 from nvme.emu.storage import EmuNamespace
 from nvme.spec import NvmOpcode
 from nvme.status import Generic, Media
+from tests.bdev.helpers import two_threads_write_read
 
 KiB, MiB = 1024, 1 << 20
 MDTS_BYTES = 4096 << 5            # the emulator's default MDTS=5
@@ -402,34 +403,11 @@ def test_namespaces_share_the_threads_queue_pair(attach):
 def test_two_threads_two_queue_pairs(attach):
     nc, emu = attach("NvmeTT", [EmuNamespace(65536)])
     desc = bdev.open_bdev("NvmeTTn1", write=True)
-    barrier = threading.Barrier(2)
-    errors, qids = [], {}
-
-    def worker(k):
-        try:
-            ch = desc.get_io_channel()
-            qids[k] = ch.queue_pair.qid
-            barrier.wait(10)                     # both hold their channel at once
-            base = 1000 + k * 20000
-            for i in range(30):
-                data = pattern(16 * KiB + 512 * (i % 5), k * 100 + i)
-                desc.write_sync(ch, data, (base + i * 64) * 512)
-                r = bytearray(len(data))
-                desc.read_sync(ch, r, (base + i * 64) * 512)
-                assert r == data
-            barrier.wait(10)
-            ch.put()
-        except BaseException as e:
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    desc.close()
-    assert not errors, errors
+    try:
+        qids = two_threads_write_read(desc, base=1000, stride=200, count=30, timeout=10,
+                                      size=lambda i: 16 * KiB + 512 * (i % 5))
+    finally:
+        desc.close()
     assert len(set(qids.values())) == 2
     assert len(nc.ctrlr.qpairs) == 0            # each thread deleted its own
 

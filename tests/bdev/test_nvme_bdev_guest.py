@@ -8,7 +8,6 @@ workload path. Last, data written through the bdev is read back by the kernel dr
 detach_controller, and the saved JSON config attaches the controller again.
 """
 import os
-import threading
 
 import pytest
 
@@ -17,6 +16,7 @@ from bdev import nvme as bdev_nvme
 from bdev.errors import IoError
 from env import memory
 from nvme.status import Generic, Media
+from tests.bdev.helpers import two_threads_write_read
 from tests.bdev.test_nvme_bdev import (Calls, Open, _collect_garbage_at_safe_points,  # noqa: F401
                                        dma, pattern, poll_until)
 from tests.nvme.kernel_side import (GUEST_REASON, IN_GUEST, block_device, id_ctrl, id_ns,
@@ -182,34 +182,11 @@ def test_reset_with_io_in_flight(nc, o):
 
 def test_two_threads_two_queue_pairs(nc):
     desc = bdev.open_bdev("Nvme0n1", write=True)
-    errors, qids = [], {}
-    barrier = threading.Barrier(2)
-
-    def worker(k):
-        try:
-            ch = desc.get_io_channel()
-            qids[k] = ch.queue_pair.qid
-            barrier.wait(60)
-            base = 100000 + k * 100000
-            for i in range(20):
-                data = pattern(64 * KiB, k * 1000 + i)
-                desc.write_sync(ch, data, (base + i * 128) * 512)
-                r = bytearray(64 * KiB)
-                desc.read_sync(ch, r, (base + i * 128) * 512)
-                assert r == data
-            barrier.wait(60)
-            ch.put()
-        except BaseException as e:
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    desc.close()
-    assert not errors, errors
+    try:
+        qids = two_threads_write_read(desc, base=100000, stride=1000, count=20, timeout=60,
+                                      size=lambda i: 64 * KiB)
+    finally:
+        desc.close()
     assert len(set(qids.values())) == 2
 
 
