@@ -167,7 +167,7 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
                       uint32_t iovcnt, uint64_t offset_blocks, uint64_t num_blocks,
                       bdev_io_cb cb, void* cb_arg) noexcept nogil
 cdef void bdev_io_complete(bdev_io* io, uint8_t status) noexcept nogil
-cdef void bdev_io_complete_nvme(bdev_io* io, uint16_t cqe_status, uint32_t cdw0) noexcept nogil
-# The same as an NVMe queue pair's completion callback (nvme.qpair.nvme_cb; cb_arg = the
-# bdev_io): a module passes it straight to the driver, no hop in between.
+# Complete with an NVMe completion (status kept). Its signature is an NVMe queue pair's
+# completion callback (nvme.qpair.nvme_cb, cb_arg = the bdev_io): a module hands it straight
+# to the driver, no hop in between.
 cdef void bdev_io_nvme_cpl(void* io, const nvme_cqe* cpl) noexcept nogil

@@ -301,19 +301,13 @@ cdef inline void _complete_on(BdevChannel ch, bdev_io* io, uint8_t status) noexc
     _finish(ch, io)
 
 
-cdef void bdev_io_complete_nvme(bdev_io* io, uint16_t cqe_status, uint32_t cdw0) noexcept nogil:
-    """Complete with an NVMe completion's status field (phase bit included or not)."""
-    _complete_nvme(io, cqe_status, cdw0)
-
-
-cdef void bdev_io_nvme_cpl(void* io, const nvme_cqe* cpl) noexcept nogil:
-    _complete_nvme(<bdev_io*> io, cpl.status, cpl.cdw0)
-
-
-cdef inline void _complete_nvme(bdev_io* io, uint16_t cqe_status, uint32_t cdw0) noexcept nogil:
-    cdef uint16_t code = (cqe_status >> 1) & 0x7FF
-    io.nvme_status = (cqe_status >> 1) & 0x7FFF
-    io.nvme_cdw0 = cdw0
+cdef void bdev_io_nvme_cpl(void* arg, const nvme_cqe* cpl) noexcept nogil:
+    """Complete the bdev_io `arg` with an NVMe completion: its status (kept in nvme_status) and
+    cdw0 (nvme_cdw0)."""
+    cdef bdev_io* io = <bdev_io*> arg
+    cdef uint16_t code = (cpl.status >> 1) & 0x7FF
+    io.nvme_status = (cpl.status >> 1) & 0x7FFF
+    io.nvme_cdw0 = cpl.cdw0
     if code == 0:
         _complete_on(<BdevChannel> io.channel, io, IO_SUCCESS)
     elif code == 0x285:       # SCT 2 (media), SC 85h: Compare Failure
@@ -606,18 +600,20 @@ cdef inline int _check(Descriptor desc, BdevChannel ch, uint8_t type, uint64_t o
                        uint64_t n) noexcept nogil:
     # One test of the descriptor's mask covers a closed descriptor, a removed bdev, a read-only
     # descriptor, an unsupported type and a type out of range; _refusal says which it was.
-    cdef uint64_t nblocks
     if type >= BDEV_IO_NTYPES or not (desc.io_mask >> type) & 1:
         return _refusal(desc, type)
     if <void*> ch.bdev != <void*> desc.bdev:
         return -EINVAL
     if not ch.on_owner():
         return -EXDEV
-    if (_RANGE_TYPES >> type) & 1:
-        nblocks = desc.bdev.num_blocks
-        if n == 0 or off >= nblocks or n > nblocks - off:
-            return -ERANGE
+    if (_RANGE_TYPES >> type) & 1 and not _in_range(desc.bdev, off, n):
+        return -ERANGE
     return 0
+
+
+cdef inline bint _in_range(Bdev b, uint64_t off, uint64_t n) noexcept nogil:
+    """Blocks [off, off + n) are a non-empty range inside `b` (no overflow)."""
+    return n != 0 and off < b.num_blocks and n <= b.num_blocks - off
 
 
 cdef int _refusal(Descriptor desc, uint8_t type) noexcept nogil:
@@ -670,6 +666,14 @@ cdef inline int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
     return _start(ch, io)
 
 
+cdef inline void _set_buffer(bdev_io* io, char* buf, uint64_t nbytes) noexcept nogil:
+    """The I/O's payload: one contiguous segment."""
+    io.iov.iov_base = buf
+    io.iov.iov_len = nbytes
+    io.iovs = &io.iov
+    io.iovcnt = 1
+
+
 cdef inline void _prepare(bdev_io* io, Descriptor desc, BdevChannel ch, uint8_t type,
                           uint64_t off, uint64_t n, bdev_io_cb cb, void* cb_arg) noexcept nogil:
     io.bdev = <void*> desc.bdev
@@ -690,14 +694,13 @@ cdef int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
     channel of another bdev, -EACCES read-only descriptor, -EOPNOTSUPP unsupported type, -ERANGE
     range outside the bdev, -ENOMEM no free I/O object on this channel."""
     cdef bdev_io* io
-    cdef uint64_t nblocks = desc.bdev.num_blocks
     # The common case in one pass: a read or write that this descriptor may do, on this
     # thread's channel of the bdev, inside it, needing neither a split nor a bounce. The same
     # checks as _check and _submit_io, in fewer steps; anything else takes the general path.
     if ((type == BDEV_IO_READ or type == BDEV_IO_WRITE) and (desc.io_mask >> type) & 1
             and <void*> ch.bdev == <void*> desc.bdev
-            and num_blocks - 1 < desc.bdev.fast_max_blocks      # 0 < num_blocks <= max
-            and offset_blocks < nblocks and num_blocks <= nblocks - offset_blocks
+            and num_blocks <= desc.bdev.fast_max_blocks and _in_range(desc.bdev, offset_blocks,
+                                                                      num_blocks)
             and not ((<uintptr_t> buf | (num_blocks << desc.bdev.block_shift))
                      & desc.bdev.align_mask)
             and ch.on_owner()):
@@ -705,10 +708,7 @@ cdef int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
         if io == NULL:
             return -ENOMEM
         _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
-        io.iov.iov_base = buf
-        io.iov.iov_len = num_blocks << desc.bdev.block_shift
-        io.iovs = &io.iov
-        io.iovcnt = 1
+        _set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
         io.submit_tick = get_ticks()
         return _start(ch, io)
     # (through a pointer: the compiler would inline the general path here, and the fast one
@@ -734,10 +734,7 @@ cdef int _submit_general(Descriptor desc, BdevChannel ch, uint8_t type, char* bu
         return -ENOMEM
     _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
     if (_DATA_TYPES >> type) & 1:
-        io.iov.iov_base = buf
-        io.iov.iov_len = num_blocks << desc.bdev.block_shift
-        io.iovs = &io.iov
-        io.iovcnt = 1
+        _set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
     rc = _submit_io(ch, io)
     if rc != 0:
         _put_io(ch, io)

@@ -21,8 +21,8 @@ Threads and queues
   SPDK's nvme_ctrlr_channel). It is deleted when the last of those channels is put.
 - The data path is C: `submit_request` builds NVMe commands on the queue pair
   (`QueuePair.submit_io`/`submit_iov`, or a request of its pool for Flush and Dataset
-  Management) with the bdev_io as the callback argument, and the completion callback hands the
-  completion's status to `bdev_io_complete_nvme`. No Python object, no GIL per I/O. Each
+  Management) with the bdev_io as the callback argument and the bdev layer's
+  `bdev_io_nvme_cpl` as the callback. No Python object, no GIL per I/O. Each
   thread's channel keeps a small pool of 4 KiB DMA pages for Dataset Management range lists
   (one per unmap in flight; none free: -ENOMEM and the bdev layer retries).
 - A queue pair out of requests returns -ENOMEM, which the bdev layer queues and resubmits. While
@@ -57,7 +57,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from bdev.core cimport (BDEV_IO_COMPARE, BDEV_IO_FLUSH, BDEV_IO_READ, BDEV_IO_RESET,
                         BDEV_IO_UNMAP, BDEV_IO_WRITE, BDEV_IO_WRITE_ZEROES, Bdev, BdevChannel,
                         IO_FAILED, IO_NOMEM, IO_SUCCESS, bdev_io, bdev_io_complete,
-                        bdev_io_complete_nvme, bdev_io_nvme_cpl)
+                        bdev_io_nvme_cpl)
 from env.memory cimport Pool
 from env.thread cimport IoChannel, IoDevice, thread_send
 from libc.stdlib cimport calloc, free
@@ -502,18 +502,26 @@ cdef int _unavailable(NvmeBdev b, int qstate) noexcept nogil:
 
 
 cdef inline int _submit(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
-    # Reads and writes of one segment first, tested one by one: a switch over the type would be
-    # a jump table, an indirect branch per I/O (dear under an emulator's binary translation).
+    # Reads and writes first, tested one by one: a switch over the type would be a jump table,
+    # an indirect branch per I/O (dear under an emulator's binary translation).
     cdef int rc
-    if (q.qpair.state == QP_ENABLED and io.iovcnt == 1 and io.num_blocks <= MAX_NLB
+    if (q.qpair.state == QP_ENABLED and io.num_blocks <= MAX_NLB
             and (io.type == BDEV_IO_READ or io.type == BDEV_IO_WRITE)):
-        rc = q.qpair.submit_io(NVM_READ if io.type == BDEV_IO_READ else NVM_WRITE, b.nsid,
-                               io.offset_blocks, <uint32_t> io.num_blocks, b.block_shift,
-                               <char*> io.iovs[0].iov_base, 0, 0, _io_done, <void*> io)
+        rc = _submit_rw(b, q, io, NVM_READ if io.type == BDEV_IO_READ else NVM_WRITE)
         if rc == -ENXIO:
             return _unavailable(b, q.qpair.state)
         return rc
     return _submit_other(b, q, io)
+
+
+cdef inline int _submit_rw(NvmeBdev b, _QpairChannel q, bdev_io* io, uint8_t opc) noexcept nogil:
+    """A command with data (read, write, compare) on the I/O's segments."""
+    if io.iovcnt == 1:
+        return q.qpair.submit_io(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
+                                 b.block_shift, <char*> io.iovs[0].iov_base, 0, 0, _io_done,
+                                 <void*> io)
+    return q.qpair.submit_iov(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
+                              b.block_shift, io.iovs, io.iovcnt, 0, _io_done, <void*> io)
 
 
 cdef int _submit_other(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
@@ -530,13 +538,7 @@ cdef int _submit_other(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
     if io.type == BDEV_IO_READ or io.type == BDEV_IO_WRITE or io.type == BDEV_IO_COMPARE:
         opc = (NVM_READ if io.type == BDEV_IO_READ else
                NVM_WRITE if io.type == BDEV_IO_WRITE else NVM_COMPARE)
-        if io.iovcnt == 1:
-            rc = q.qpair.submit_io(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
-                                   b.block_shift, <char*> io.iovs[0].iov_base, 0, 0, _io_done,
-                                   <void*> io)
-        else:
-            rc = q.qpair.submit_iov(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
-                                    b.block_shift, io.iovs, io.iovcnt, 0, _io_done, <void*> io)
+        rc = _submit_rw(b, q, io, opc)
     elif io.type == BDEV_IO_WRITE_ZEROES:
         rc = q.qpair.submit_io(NVM_WRITE_ZEROES, b.nsid, io.offset_blocks,
                                <uint32_t> io.num_blocks, b.block_shift, NULL, 0, 0, _io_done,
@@ -641,7 +643,7 @@ cdef void _dsm_done(void* arg, const nvme_cqe* cpl) noexcept nogil:
             return
         bdev_io_complete(io, IO_NOMEM if rc == -ENOMEM else IO_FAILED)
         return
-    bdev_io_complete_nvme(io, cpl.status, cpl.cdw0)
+    bdev_io_nvme_cpl(io, cpl)
 
 
 cdef void _reset_msg(void* ctx) noexcept nogil:

@@ -1,5 +1,6 @@
 """Helpers shared by the bdev tests: a recording Python module, polling until done."""
 import ctypes
+import random
 import time
 
 import bdev
@@ -105,6 +106,11 @@ def make_stack(name, **kw):
     return b, desc, ch
 
 
+def pattern(n, seed):
+    """`n` reproducible pseudo-random bytes."""
+    return random.Random(seed).randbytes(n)
+
+
 def open_malloc(name, size):
     """A new malloc bdev, a writable descriptor and this thread's channel (`teardown` undoes)."""
     from bdev import malloc
@@ -126,7 +132,6 @@ def two_threads_write_read(desc, *, base, stride, count, size, timeout):
     `size(i)` bytes at block base + k * 100 * stride + i * stride. Returns the queue pair ids
     the channels used (one per thread)."""
     import threading
-    from tests.bdev.test_nvme_bdev import pattern
     barrier = threading.Barrier(2)
     errors, qids = [], {}
 

@@ -3,7 +3,6 @@ geometry, the data path through the whole bdev layer (splits at MDTS, bounce buf
 write zeroes, unmap, flush, compare), NVMe errors as the user sees them, reset, NOMEM retry,
 threads, hot removal, detach and the JSON config round trip. No root, no QEMU."""
 import gc
-import random
 import threading
 import time
 import uuid
@@ -20,7 +19,7 @@ from nvme.emu import EmulatedController
 from nvme.emu.storage import EmuNamespace
 from nvme.spec import NvmOpcode
 from nvme.status import Generic, Media
-from tests.bdev.helpers import two_threads_write_read
+from tests.bdev.helpers import pattern, two_threads_write_read
 
 KiB, MiB = 1024, 1 << 20
 MDTS_BYTES = 4096 << 5            # the emulator's default MDTS=5
@@ -34,10 +33,6 @@ def poll_until(pred, timeout=20.0):
         t.poll()
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached (a hang?)")
-
-
-def pattern(n, seed):
-    return random.Random(seed).randbytes(n)
 
 
 def dma(data):
