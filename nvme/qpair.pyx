@@ -192,6 +192,17 @@ cdef _finish_py_io(tuple ctx, const nvme_cqe* cpl):
             log.exception("completion callback %r raised", cb)
 
 
+cdef inline void _split_parent(nvme_request* parent, uint8_t opc, uint32_t nsid,
+                               uint32_t nchildren, nvme_cb cb_fn, void* cb_arg) noexcept nogil:
+    """Make `parent` the request that completes once its `nchildren` children have (a split)."""
+    parent.cb_fn = cb_fn
+    parent.cb_arg = cb_arg
+    parent.children_left = nchildren
+    parent.children_total = nchildren
+    parent.cmd.opc = opc
+    parent.cmd.nsid = nsid
+
+
 cdef class QueuePair:
     """One submission/completion queue pair. Created by `nvme.Controller` (which also creates
     the queues on the controller); tests may build one over an emulated transport directly."""
@@ -701,12 +712,7 @@ cdef class QueuePair:
             if rc != 0:
                 self.free_request(parent)
                 return rc
-        parent.cb_fn = cb_fn
-        parent.cb_arg = cb_arg
-        parent.children_left = nchildren
-        parent.children_total = nchildren
-        parent.cmd.opc = opc
-        parent.cmd.nsid = nsid
+        _split_parent(parent, opc, nsid, nchildren, cb_fn, cb_arg)
         self.n_splits += 1
         for i in range(nchildren):
             count = <uint32_t> (chunk if nblocks - done > chunk else nblocks - done)
@@ -782,12 +788,7 @@ cdef class QueuePair:
                 return rc
             start += counts[i]
         parent = self.alloc_request()
-        parent.cb_fn = cb_fn
-        parent.cb_arg = cb_arg
-        parent.children_left = nchunks
-        parent.children_total = nchunks
-        parent.cmd.opc = opc
-        parent.cmd.nsid = nsid
+        _split_parent(parent, opc, nsid, nchunks, cb_fn, cb_arg)
         self.n_splits += 1
         start = 0
         for i in range(nchunks):
