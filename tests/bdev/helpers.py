@@ -1,6 +1,7 @@
 """Helpers shared by the bdev tests: a recording Python module, polling until done."""
 import ctypes
 import random
+import threading
 import time
 
 import bdev
@@ -19,18 +20,31 @@ def poll_until(pred, timeout=10.0):
 
 
 class Completions:
-    """Collects (ok, status) per I/O tag and checks each completes exactly once."""
+    """Collects (ok, status) per I/O tag, in the order they come (from any thread), and checks
+    each completes exactly once and never inside its submission."""
 
     def __init__(self):
         self.done = {}
+        self.order = []
+        self.lock = threading.Lock()
         self.inside_submit = False
 
     def cb(self, tag):
         def done(ok, status):
             assert not self.inside_submit, "a callback ran inside its submission"
-            assert tag not in self.done, f"I/O {tag} completed twice"
-            self.done[tag] = (ok, status)
+            with self.lock:
+                assert tag not in self.done, f"I/O {tag!r} completed twice"
+                self.done[tag] = (ok, status)
+                self.order.append(tag)
         return done
+
+    def __len__(self):
+        return len(self.done)
+
+    def wait(self, ch, n, timeout=30.0):
+        """Run `ch`'s thread until `n` I/Os have completed (and no more)."""
+        ch.thread.run_until(lambda: len(self.done) >= n, timeout=timeout)
+        assert len(self.done) == n
 
     def submit(self, fn, tag, *args):
         self.inside_submit = True
@@ -126,14 +140,33 @@ def teardown(b, desc, ch):
         b.unregister()
 
 
+def in_threads(worker, n=2, timeout=60):
+    """Run `worker(k)` for k in 0..n-1, each on an OS thread of its own, and wait for them;
+    whatever a worker raised fails the caller."""
+    errors = []
+
+    def run(k):
+        try:
+            worker(k)
+        except BaseException as e:       # reported by the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), f"a worker is still running after {timeout} s"
+
+
 def two_threads_write_read(desc, *, base, stride, count, size, timeout):
     """Two OS threads, each with its own channel of `desc` (so its own queue pair on an NVMe
     bdev), write and read back `count` disjoint ranges concurrently: thread k writes
     `size(i)` bytes at block base + k * 100 * stride + i * stride. Returns the queue pair ids
     the channels used (one per thread)."""
-    import threading
     barrier = threading.Barrier(2)
-    errors, qids = [], {}
+    qids = {}
 
     def worker(k):
         try:
@@ -149,14 +182,9 @@ def two_threads_write_read(desc, *, base, stride, count, size, timeout):
                 assert r == data
             barrier.wait(timeout)
             ch.put()
-        except BaseException as e:
-            errors.append(e)
-            barrier.abort()
+        except BaseException:
+            barrier.abort()              # the other worker must not wait for this one
+            raise
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout * 5)
-    assert not errors, errors
+    in_threads(worker, 2, timeout * 5)
     return qids

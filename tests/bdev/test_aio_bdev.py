@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from bdev.errors import IoError, ReadOnlyDescriptor, UnsupportedIoType
 from env.errors import InvalidArgument
 from env.memory import allocate
 from env.thread import current_thread
+from tests.bdev.helpers import Completions, in_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
@@ -75,25 +75,6 @@ def write_file(path, offset, data):
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-class Completions:
-    """Collects (ok, status) per tag; each I/O must complete exactly once."""
-
-    def __init__(self):
-        self.done = {}
-        self.order = []
-
-    def cb(self, tag):
-        def done(ok, status):
-            assert tag not in self.done, f"I/O {tag!r} completed twice"
-            self.done[tag] = (ok, status)
-            self.order.append(tag)
-        return done
-
-    def wait(self, ch, n, timeout=30.0):
-        ch.thread.run_until(lambda: len(self.done) >= n, timeout=timeout)
-        assert len(self.done) == n
 
 
 class Opened:
@@ -569,7 +550,7 @@ def test_two_threads_with_their_own_channels(make, dio_dir, engine):
     path = new_file(dio_dir, 8 * MiB, fill=False)
     o = make(path, engine=engine, block_size=4096)
     name = o.bdev.name
-    errors, channels = [], []
+    channels = []
 
     def worker(k):
         try:
@@ -596,17 +577,10 @@ def test_two_threads_with_their_own_channels(make, dio_dir, engine):
             desc.close()
             for buf in bufs:
                 buf.free()
-        except BaseException as e:       # reported by the main thread
-            errors.append(e)
         finally:
             current_thread().unbind()
 
-    ts = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
-    assert not errors, errors
+    in_threads(worker, 2, 60)
     assert len(set(channels)) == 2
     for k in (0, 1):
         rng = random.Random(k)

@@ -4,7 +4,6 @@ with its own O_DIRECT I/O, and the other way round; Write Zeroes becomes BLKZERO
 BLKDISCARD (NVMe Deallocate), flush an asynchronous FDSYNC (NVMe Flush).
 """
 import random
-import threading
 
 import pytest
 
@@ -12,6 +11,7 @@ import bdev
 from bdev import aio
 from env.memory import allocate
 from env.thread import current_thread
+from tests.bdev.helpers import in_threads
 from tests.nvme.kernel_side import (GUEST_REASON, IN_GUEST, block_device, kernel_read,
                                     kernel_write)
 
@@ -96,7 +96,6 @@ def test_write_zeroes_and_unmap(opened):
 
 def test_two_threads(opened):
     dev, b, d, ch = opened
-    errors = []
 
     def worker(k):
         try:
@@ -109,17 +108,10 @@ def test_two_threads(opened):
             assert back == data
             c.put()
             desc.close()
-        except BaseException as e:
-            errors.append(e)
         finally:
             current_thread().unbind()
 
-    ts = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    assert not errors, errors
+    in_threads(worker, 2, 120)
     for k in (0, 1):
         assert kernel_read(dev, (100 + k) * MiB, MiB) == random.Random(k).randbytes(MiB)
 

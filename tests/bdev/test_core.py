@@ -10,8 +10,8 @@ from bdev.errors import (BdevClaimed, BdevExists, BdevNotFound, BdevRemoved, Des
 from env import memory
 from env.errors import InvalidArgument, ResourceExhausted, WrongThreadError
 from env.thread import current_thread
-from tests.bdev.helpers import (Completions, RecordingBdev, make_stack, open_malloc, poll_until,
-                                teardown)
+from tests.bdev.helpers import (Completions, RecordingBdev, in_threads, make_stack, open_malloc,
+                                poll_until, teardown)
 
 KiB = 1024
 
@@ -425,30 +425,21 @@ def test_info_and_config(mall):
 
 def test_two_threads_two_channels():
     b = malloc.create("MallocMT", size=8 << 20)
-    errors = []
 
     def worker(k):
-        try:
-            d = bdev.open_bdev("MallocMT", write=True)
-            ch = d.get_io_channel()
-            for i in range(50):
-                data = bytes([k * 50 + i & 0xFF]) * 4096
-                d.write_sync(ch, data, (k * 100 + i) * 4096)
-                out = bytearray(4096)
-                d.read_sync(ch, out, (k * 100 + i) * 4096)
-                assert out == data
-            ch.put()
-            d.close()
-        except BaseException as e:
-            errors.append(e)
+        d = bdev.open_bdev("MallocMT", write=True)
+        ch = d.get_io_channel()
+        for i in range(50):
+            data = bytes([k * 50 + i & 0xFF]) * 4096
+            d.write_sync(ch, data, (k * 100 + i) * 4096)
+            out = bytearray(4096)
+            d.read_sync(ch, out, (k * 100 + i) * 4096)
+            assert out == data
+        ch.put()
+        d.close()
 
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
     try:
-        assert not errors
+        in_threads(worker, 2, 60)
         assert b.stats()["num_write_ops"] == 100
     finally:
         b.unregister()

@@ -3,7 +3,6 @@ geometry, the data path through the whole bdev layer (splits at MDTS, bounce buf
 write zeroes, unmap, flush, compare), NVMe errors as the user sees them, reset, NOMEM retry,
 threads, hot removal, detach and the JSON config round trip. No root, no QEMU."""
 import gc
-import threading
 import time
 import uuid
 
@@ -19,7 +18,7 @@ from nvme.emu import EmulatedController
 from nvme.emu.storage import EmuNamespace
 from nvme.spec import NvmOpcode
 from nvme.status import Generic, Media
-from tests.bdev.helpers import pattern, two_threads_write_read
+from tests.bdev.helpers import Completions, pattern, two_threads_write_read
 
 KiB, MiB = 1024, 1 << 20
 MDTS_BYTES = 4096 << 5            # the emulator's default MDTS=5
@@ -39,26 +38,6 @@ def dma(data):
     buf = memory.allocate(max(len(data), 4096))
     memoryview(buf)[:len(data)] = data
     return buf
-
-
-class Calls:
-    """Python completion callbacks by tag; each must run exactly once, in order recorded."""
-
-    def __init__(self):
-        self.done = {}
-        self.order = []
-        self.lock = threading.Lock()
-
-    def cb(self, tag):
-        def done(ok, status):
-            with self.lock:
-                assert tag not in self.done, f"I/O {tag} completed twice"
-                self.done[tag] = (ok, status)
-                self.order.append(tag)
-        return done
-
-    def __len__(self):
-        return len(self.done)
 
 
 @pytest.fixture(autouse=True)
@@ -301,7 +280,7 @@ def test_unmap_beyond_2_32_blocks_and_256_ranges(attach):
 
 def test_unmaps_beyond_the_range_page_pool_wait_for_a_page(nvme0):
     nc, emu, o = nvme0
-    calls = Calls()
+    calls = Completions()
     n = 3 * bdev_nvme.DSM_PAGES_PER_CHANNEL
     for i in range(n):
         o.desc.unmap(o.ch, i * 4096, 4096, cb=calls.cb(i))
@@ -333,7 +312,7 @@ def test_compare_and_miscompare(nvme0):
 
 def test_injected_nvme_errors_reach_the_callback(nvme0):
     nc, emu, o = nvme0
-    calls = Calls()
+    calls = Completions()
     emu.inject(NvmOpcode.READ, status=Media.UNRECOVERED_READ_ERROR, count=1)
     o.desc.read(o.ch, bytearray(4096), 0, cb=calls.cb("read"))
     emu.inject(NvmOpcode.WRITE, lba=2 * MDTS_BYTES // 512, status=Generic.INTERNAL_ERROR, count=1)
@@ -367,7 +346,7 @@ def test_queue_pair_out_of_requests_is_retried(attach):
         assert o.ch.queue_pair.entries == 16 and o.ch.queue_pair.nrequests == 16
         data = pattern(200 * 4096, 1)
         w = dma(data)
-        calls = Calls()
+        calls = Completions()
         for i in range(200):
             o.desc.write(o.ch, memoryview(w)[i * 4096:(i + 1) * 4096], i * 4096,
                          cb=calls.cb(i))
@@ -411,7 +390,7 @@ def test_two_threads_two_queue_pairs(attach):
 def test_reset_with_io_in_flight_on_two_threads(attach):
     nc, emu = attach("NvmeR")
     rule = emu.hold(NvmOpcode.READ)
-    calls = Calls()
+    calls = Completions()
     o = Open("NvmeRn1")
     with Reactor(1, name="nvme-reset") as r:
         other = {}
@@ -449,7 +428,7 @@ def test_reset_with_io_in_flight_on_two_threads(attach):
 
 def test_reset_completes_once_with_nothing_in_flight(nvme0):
     nc, emu, o = nvme0
-    calls = Calls()
+    calls = Completions()
     o.desc.reset(o.ch, cb=calls.cb("a"))
     o.desc.reset(o.ch, cb=calls.cb("b"))         # while the first one runs: completes with it
     poll_until(lambda: len(calls) == 2)
@@ -474,7 +453,7 @@ def test_hot_removal_with_io_in_flight(attach):
     events = []
     o1, o2 = Open("NvmeHn1", events), Open("NvmeHn2", events)
     emu.hold(NvmOpcode.READ)
-    calls = Calls()
+    calls = Completions()
     for i in range(12):
         o = o1 if i % 2 else o2
         o.desc.read(o.ch, bytearray(4096), i * 4096, cb=calls.cb(i))
@@ -502,7 +481,7 @@ def test_detach_controller_with_io_in_flight(attach):
     nc, emu = attach("NvmeD")
     events = []
     o = Open("NvmeDn1", events)
-    calls = Calls()
+    calls = Completions()
     for i in range(16):
         o.desc.write(o.ch, pattern(4096, i), i * 4096, cb=calls.cb(i))
     bdev_nvme.detach_controller("NvmeD")

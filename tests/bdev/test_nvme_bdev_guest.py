@@ -16,8 +16,8 @@ from bdev import nvme as bdev_nvme
 from bdev.errors import IoError
 from env import memory
 from nvme.status import Generic, Media
-from tests.bdev.helpers import two_threads_write_read
-from tests.bdev.test_nvme_bdev import (Calls, Open, _collect_garbage_at_safe_points,  # noqa: F401
+from tests.bdev.helpers import Completions, two_threads_write_read
+from tests.bdev.test_nvme_bdev import (Open, _collect_garbage_at_safe_points,  # noqa: F401
                                        dma, pattern, poll_until)
 from tests.nvme.kernel_side import (GUEST_REASON, IN_GUEST, block_device, id_ctrl, id_ns,
                                     kernel_read, kernel_write, wait_for)
@@ -150,7 +150,7 @@ def test_many_more_ios_than_the_queue_pair_has_requests(o):
     n = qp.nrequests + 1000
     data = pattern(n * 512, 10)
     w = dma(data)
-    calls = Calls()
+    calls = Completions()
     for i in range(n):
         o.desc.write(o.ch, memoryview(w)[i * 512:(i + 1) * 512], 512 * (60000 + i),
                      cb=calls.cb(i))
@@ -163,7 +163,7 @@ def test_many_more_ios_than_the_queue_pair_has_requests(o):
 
 
 def test_reset_with_io_in_flight(nc, o):
-    calls = Calls()
+    calls = Completions()
     for i in range(300):
         o.desc.read(o.ch, memory.allocate(4096), 4096 * i, cb=calls.cb(i))
     o.desc.reset(o.ch, cb=calls.cb("reset"))
