@@ -203,6 +203,21 @@ cdef inline void _split_parent(nvme_request* parent, uint8_t opc, uint32_t nsid,
     parent.cmd.nsid = nsid
 
 
+cdef inline bint _start_child(QueuePair qp, nvme_request* parent, nvme_request* child,
+                              uint32_t not_made) noexcept nogil:
+    """Submit `child` of a split `parent`. If that fails (it cannot after the checks the split
+    made first), the child and the `not_made` children still to come complete the parent as
+    failed; False then."""
+    child.parent = parent
+    child.flags = REQ_CHILD
+    if qp.submit_request(child) == 0:
+        return True
+    qp.free_request(child)
+    parent.children_left -= not_made
+    qp.fail_child_remainder(parent)
+    return False
+
+
 cdef class QueuePair:
     """One submission/completion queue pair. Created by `nvme.Controller` (which also creates
     the queues on the controller); tests may build one over an emulated transport directly."""
@@ -718,17 +733,10 @@ cdef class QueuePair:
             count = <uint32_t> (chunk if nblocks - done > chunk else nblocks - done)
             child = self.alloc_request()
             self._fill_rw(child, opc, nsid, lba + done, count, cdw12_flags, cdw13)
-            child.parent = parent
-            child.flags = REQ_CHILD
             if buf != NULL:
                 child.buf = buf + (done << lba_shift)
                 child.len = (<uint64_t> count) << lba_shift
-            rc = self.submit_request(child)
-            if rc != 0:
-                # cannot happen after the checks above; complete what is left as failed
-                self.free_request(child)
-                parent.children_left -= nchildren - i - 1
-                self.fail_child_remainder(parent)
+            if not _start_child(self, parent, child, nchildren - i - 1):
                 return 0
             done += count
         return 0
@@ -798,17 +806,10 @@ cdef class QueuePair:
             child = self.alloc_request()
             self._fill_rw(child, opc, nsid, lba + done, <uint32_t> (length >> lba_shift),
                           cdw12_flags, 0)
-            child.parent = parent
-            child.flags = REQ_CHILD
             child.iov = &iov[start]
             child.iovcnt = counts[i]
             child.len = length
-            rc = self.submit_request(child)
-            if rc != 0:
-                # cannot happen after the checks above; complete what is left as failed
-                self.free_request(child)
-                parent.children_left -= nchunks - i - 1
-                self.fail_child_remainder(parent)
+            if not _start_child(self, parent, child, nchunks - i - 1):
                 return 0
             start += counts[i]
             done += length >> lba_shift
