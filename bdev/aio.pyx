@@ -429,6 +429,23 @@ cdef int _submit_iocb(AioChannel ch, aio_slot* s) noexcept nogil:
     return rc
 
 
+cdef io_uring_sqe* _uring_sqe(AioChannel ch, aio_slot* s) noexcept nogil:
+    """A free SQE of the channel's ring for slot `s`; NULL when the ring is full (the slot is
+    given back: the layer retries later)."""
+    cdef io_uring_sqe* sqe = uring_get_sqe(&ch.ring)
+    if sqe == NULL:
+        ch._put_slot(s)
+        ch.eagain += 1
+    return sqe
+
+
+cdef void _uring_queued(AioChannel ch) noexcept nogil:
+    """An SQE was filled in: count it and hand it to the kernel."""
+    ch.inflight += 1
+    ch.submitted += 1
+    ch._uring_flush()
+
+
 cdef class AioChannel(BdevChannel):
     """A thread's channel to an aio bdev: its AIO context (or io_uring) and request slots."""
     cdef aio_context_t ctx
@@ -805,10 +822,8 @@ cdef class AioBdev(Bdev):
         ch.seq += 1
         s.seq = ch.seq
         if ch.engine == ENGINE_URING:
-            sqe = uring_get_sqe(&ch.ring)
+            sqe = _uring_sqe(ch, s)
             if sqe == NULL:
-                ch._put_slot(s)
-                ch.eagain += 1
                 return -ENOMEM
             if nseg:
                 op = IORING_OP_WRITEV if write else IORING_OP_READV
@@ -818,9 +833,7 @@ cdef class AioBdev(Bdev):
                 op = IORING_OP_WRITE if write else IORING_OP_READ
                 sqe_rw(sqe, op, self.fd, buf, <uint32_t> nbytes,
                        io.offset_blocks << self.block_shift, <uintptr_t> s)
-            ch.inflight += 1
-            ch.submitted += 1
-            ch._uring_flush()
+            _uring_queued(ch)
             return 0
         cb = &s.cb
         memset(cb, 0, sizeof(iocb))
@@ -857,15 +870,11 @@ cdef class AioBdev(Bdev):
             ch.seq += 1
             s.seq = ch.seq
             if ch.engine == ENGINE_URING:
-                sqe = uring_get_sqe(&ch.ring)
+                sqe = _uring_sqe(ch, s)
                 if sqe == NULL:
-                    ch._put_slot(s)
-                    ch.eagain += 1
                     return -ENOMEM
                 sqe_fsync(sqe, self.fd, <uintptr_t> s)
-                ch.inflight += 1
-                ch.submitted += 1
-                ch._uring_flush()
+                _uring_queued(ch)
                 return 0
             memset(&s.cb, 0, sizeof(iocb))
             s.cb.aio_data = <uintptr_t> s
