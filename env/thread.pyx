@@ -68,7 +68,17 @@ cdef extern from *:
     static __thread void *ublk_tls_current __attribute__((tls_model("initial-exec")));
     static inline void *ublk_tls_get(void) { return ublk_tls_current; }
     static inline void ublk_tls_set(void *t) { ublk_tls_current = t; }
+    static inline ptrdiff_t ublk_tls_offset(void) {
+    #if UBLK_TLS_DIRECT
+        char *tp;
+        __asm__("mov %%fs:0, %0" : "=r"(tp));
+        return (char *)&ublk_tls_current - tp;
+    #else
+        return 0;
+    #endif
+    }
     """
+    Py_ssize_t tls_offset "ublk_tls_offset"() noexcept nogil
     void* tls_get "ublk_tls_get"() noexcept nogil
     void tls_set "ublk_tls_set"(void* t) noexcept nogil
 
@@ -1205,6 +1215,7 @@ def get_io_channel(IoDevice device):
     ch.device = device
     ch.thread = th
     ch._owner = &th.t
+    ch._tls_off = tls_offset()
     ch._refs = 1
     # Registered before the callback so that a nested get_io_channel() returns this channel.
     th._channels[id(device)] = ch

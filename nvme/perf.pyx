@@ -33,10 +33,10 @@ cdef int _poll(void* target) noexcept nogil:
     return (<_Target> target).qpair.process_completions_c(0)
 
 
-def run(ns, QueuePair qpair, *, queue_depth=32, io_size=4096, workload="randread",
-        seconds=1.0, read_pct=50, range_bytes=None, seed=1):
-    """Run a workload on namespace `ns` through `qpair` (owned by this thread); returns the
-    figures of `env.workload.Workload.results()`."""
+def make_workload(ns, QueuePair qpair, *, queue_depth=32, io_size=4096, workload="randread",
+                  seconds=1.0, read_pct=50, range_bytes=None, seed=1):
+    """A Workload on namespace `ns` through `qpair` (owned by this thread), to `run()` once or
+    many times; its parameters are env.workload.Workload's."""
     if io_size % ns.block_size:
         raise InvalidArgument(f"I/O size {io_size} is not a multiple of the block size "
                               f"{ns.block_size}")
@@ -48,4 +48,10 @@ def run(ns, QueuePair qpair, *, queue_depth=32, io_size=4096, workload="randread
                                 seconds=seconds, read_pct=read_pct, block_size=ns.block_size,
                                 range_bytes=range_bytes or ns.size, seed=seed)
     wl.set_target(_submit, _poll, <void*> tg, tg)
-    return wl.run()
+    return wl
+
+
+def run(ns, QueuePair qpair, **params):
+    """Run a workload on namespace `ns` through `qpair` (owned by this thread) now; returns the
+    figures of `env.workload.Workload.results()`."""
+    return make_workload(ns, qpair, **params).run()

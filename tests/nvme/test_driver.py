@@ -405,6 +405,22 @@ def test_perf_run(make_rig, workload, io_size, qd):
     assert r.emu.commands(0x02) + r.emu.commands(0x01) == res["ios"] * per_io
 
 
+def test_perf_workload_runs_again_and_again(make_rig):
+    """make_workload: one Workload, run back to back (interleaved benchmarks do this); each run
+    reports its own figures and leaves nothing outstanding."""
+    from nvme import perf
+    r = make_rig(qsize=32)
+    wl = perf.make_workload(r.ns, r.qp, queue_depth=8, io_size=4096, seconds=0.05)
+    before = r.io_commands()
+    runs = [wl.run() for _ in range(3)]
+    for res in runs:
+        assert res["errors"] == 0 and res["submit_errors"] == 0 and res["ios"] > 0
+        assert res["latency_us"]["count"] == res["ios"]
+    assert r.io_commands() - before == sum(res["ios"] for res in runs)
+    s = r.qp.stats()
+    assert s["outstanding"] == 0 and s["submitted"] == s["completed"]
+
+
 def test_perf_refuses_io_size_not_a_multiple_of_the_block_size(make_rig):
     from nvme import perf
     r = make_rig()
