@@ -55,7 +55,7 @@ import threading
 
 from bdev.core import Descriptor, open_bdev
 from bdev.errors import BdevError, DescriptorClosed, IoError
-from env.asyncio_driver import get_driver, settle_future
+from env.asyncio_driver import get_driver, settle_future, wait_drained, wake_drained
 from env.errors import InvalidArgument, ResourceExhausted, ThreadError
 
 log = logging.getLogger("userblk.bdev.async")
@@ -169,15 +169,10 @@ class _LoopChannel:
 
     # -- draining and release -----------------------------------------------------------------
     async def drain(self):
-        while self.inflight:
-            fut = self._create_future()
-            self._drains.append(fut)
-            await fut
+        await wait_drained(self._drains, self._create_future, lambda: self.inflight)
 
     def _wake_drains(self):
-        drains, self._drains = self._drains, []
-        for fut in drains:
-            settle_future(fut, None, None)
+        wake_drained(self._drains)
 
     async def detach(self):
         """(On its loop.) Wait for the I/O in flight through it, then put the channel."""

@@ -48,7 +48,8 @@ raises. Cancelling `fut` does not cancel the operation: its completion still arr
 and its result is dropped. `begin()` / `end()` count an operation the caller resolves itself;
 `defer(retry)` calls `retry()` after each busy poll until it returns true (operations that could
 not be submitted for lack of resources wait there); `settle_future(fut, value, exc)` resolves a
-future unless it was cancelled (or its loop closed).
+future unless it was cancelled (or its loop closed); `wait_drained` / `wake_drained` let a
+counter of operations in flight be awaited until it reaches 0.
 
 The driver's Thread must stay the current Thread of the loop's OS thread (do not `bind()` another
 one there while the driver is in use): channels are taken for, and used by, the current Thread.
@@ -220,15 +221,10 @@ class AsyncioDriver:
 
     async def drain(self):
         """Wait until nothing is in flight through this driver."""
-        while self._inflight:
-            fut = self.loop.create_future()
-            self._drains.append(fut)
-            await fut
+        await wait_drained(self._drains, self.loop.create_future, lambda: self._inflight)
 
     def _wake_drains(self):
-        drains, self._drains = self._drains, []
-        for fut in drains:
-            settle_future(fut, None, None)
+        wake_drained(self._drains)
 
     # -- polling ---------------------------------------------------------------------------------
     def _start_ticking(self):
@@ -425,6 +421,24 @@ def settle_future(fut, value, exc):
             fut.set_exception(exc)
     except RuntimeError:               # its loop is closed: nobody can await it any more
         pass
+
+
+async def wait_drained(waiters, create_future, inflight):
+    """Wait until `inflight()` is 0. The waiting futures go in the list `waiters`; whoever counts
+    the operations down calls `wake_drained(waiters)` when the count reaches 0 (and the check
+    runs again: an operation may have started meanwhile)."""
+    while inflight():
+        fut = create_future()
+        waiters.append(fut)
+        await fut
+
+
+def wake_drained(waiters):
+    """Resolve every future `wait_drained` left in `waiters`, and empty it."""
+    drains = waiters[:]
+    waiters.clear()
+    for fut in drains:
+        settle_future(fut, None, None)
 
 
 def get_driver(loop=None):
