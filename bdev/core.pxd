@@ -1,10 +1,12 @@
 # The block-device layer's C-level interface (see core.pyx): the I/O object, bdevs, descriptors
 # and per-thread channels, and the functions modules and engines call without the GIL.
 from cpython.ref cimport PyObject
-from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.errno cimport ENOMEM
+from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from posix.uio cimport iovec
 
 from env.histogram cimport Histogram
+from env.ticks cimport get_ticks
 from env.thread cimport IoChannel, IoDevice, Poller
 from nvme.spec cimport nvme_cqe
 
@@ -40,12 +42,14 @@ cdef struct bdev_io
 ctypedef void (*bdev_io_cb)(bdev_io* io, bint success, void* cb_arg) noexcept nogil
 
 cdef struct bdev_io:
-    void* bdev                # Bdev (borrowed: the descriptor keeps it alive)
-    void* channel             # BdevChannel (borrowed)
+    void* bdev                # Bdev (borrowed), set once: an I/O object serves one channel
+    void* channel             # BdevChannel (borrowed), set once
+    # (the fields reset per I/O sit together, so that the compiler merges their stores)
     uint8_t type
     uint8_t status
     uint16_t flags
     uint16_t nvme_status      # the CQE status field without the phase bit (SCT/SC/CRD/M/DNR)
+    int32_t error             # errno of a module refusal or failure (0: none)
     uint32_t nvme_cdw0
     uint64_t offset_blocks
     uint64_t num_blocks
@@ -66,7 +70,6 @@ cdef struct bdev_io:
     uint32_t index            # position in the channel's array (for side tables)
     uint8_t child_status
     uint16_t child_nvme_status
-    int32_t error             # errno of a module refusal or failure (0: none)
     uint64_t split_next       # parent: next block to issue
     bdev_io* next             # free list / deferred completions / NOMEM queue
     uint64_t driver_ctx[8]    # for the module (64 bytes)
@@ -133,12 +136,12 @@ cdef class BdevChannel(IoChannel):
     cdef bdev_io* ios
     cdef bdev_io* free_ios
     cdef uint32_t nios
-    cdef uint32_t nfree
     cdef bdev_io* done_head                     # completed inside submit: finished by the poller
     cdef bdev_io* done_tail
     cdef bdev_io* nomem_head                    # refused by the module for lack of resources
     cdef bdev_io* nomem_tail
     cdef uint32_t in_module                     # I/Os handed to the module, not yet completed
+    cdef uint64_t poll_tick                     # the clock when the running poll began (0: none)
     cdef bdev_stats counters
     cdef Histogram histogram                    # None unless histograms are enabled
     cdef Poller poller
@@ -160,9 +163,44 @@ cdef class Descriptor:
 
 
 # ---- C-level functions --------------------------------------------------------------------------
-cdef int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
-                     uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
-                     void* cb_arg) noexcept nogil
+# bdev_submit: submit an I/O of `type` on a contiguous buffer (NULL for types without data).
+# 0: it will complete through `cb` exactly once; negative errno: refused, nothing happened:
+# -EBADF closed descriptor, -ENODEV removed bdev, -EXDEV channel of another thread, -EINVAL
+# channel of another bdev, -EACCES read-only descriptor, -EOPNOTSUPP unsupported type, -ERANGE
+# range outside the bdev, -ENOMEM no free I/O object on this channel.
+#
+# Its common case is written here, inline, so that it compiles into the caller (an engine's
+# submit function) with no call of its own: a read or write this descriptor may do, on this
+# thread's channel of the bdev, inside it, needing neither a split nor a bounce. Everything else
+# goes to bdev_submit_general (core.pyx), which makes the same checks one by one.
+cdef inline int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
+                            uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
+                            void* cb_arg) noexcept nogil:
+    cdef bdev_io* io
+    if ((type == BDEV_IO_READ or type == BDEV_IO_WRITE) and (desc.io_mask >> type) & 1
+            and <void*> ch.bdev == <void*> desc.bdev
+            and num_blocks <= desc.bdev.fast_max_blocks
+            and bdev_in_range(desc.bdev, offset_blocks, num_blocks)
+            and not ((<uintptr_t> buf | (num_blocks << desc.bdev.block_shift))
+                     & desc.bdev.align_mask)
+            and ch.on_owner()):
+        io = bdev_get_io(ch)
+        if io == NULL:
+            return -ENOMEM
+        io.type = type
+        io.offset_blocks = offset_blocks
+        io.num_blocks = num_blocks
+        io.cb = cb
+        io.cb_arg = cb_arg
+        bdev_io_set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
+        io.submit_tick = get_ticks()
+        return bdev_start(ch, io)
+    return bdev_submit_general(desc, ch, type, buf, offset_blocks, num_blocks, cb, cb_arg)
+
+
+cdef int bdev_submit_general(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
+                             uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
+                             void* cb_arg) noexcept nogil
 cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs,
                       uint32_t iovcnt, uint64_t offset_blocks, uint64_t num_blocks,
                       bdev_io_cb cb, void* cb_arg) noexcept nogil
@@ -171,3 +209,56 @@ cdef void bdev_io_complete(bdev_io* io, uint8_t status) noexcept nogil
 # completion callback (nvme.qpair.nvme_cb, cb_arg = the bdev_io): a module hands it straight
 # to the driver, no hop in between.
 cdef void bdev_io_nvme_cpl(void* io, const nvme_cqe* cpl) noexcept nogil
+# What bdev_start does when the module did not take the I/O (rc != 0): retry through a bounce
+# buffer (-EFAULT), queue it for a retry (-ENOMEM) or fail it through its callback. Returns 0.
+cdef int bdev_start_refused(BdevChannel ch, bdev_io* io, int rc) noexcept nogil
+
+
+# ---- the pieces of the fast path (also used by core.pyx) ----------------------------------------
+cdef inline bint bdev_in_range(Bdev b, uint64_t off, uint64_t n) noexcept nogil:
+    """Blocks [off, off + n) are a non-empty range inside `b` (no overflow)."""
+    return n != 0 and off < b.num_blocks and n <= b.num_blocks - off
+
+
+cdef inline bdev_io* bdev_get_io(BdevChannel ch) noexcept nogil:
+    """An I/O object from the channel's pool (NULL when empty). Only what every I/O reads is
+    reset here; the rest is kept NULL/zero by whoever used it (the Python references and the
+    bounce buffer are cleared when they are released) or is set before it is read (parent and
+    split fields with their flags, the caller's iovec with IOF_BOUNCE). `bdev` and `channel`
+    were set when the channel was made. The module's driver_ctx is the module's to initialise."""
+    cdef bdev_io* io = ch.free_ios
+    if io == NULL:
+        return NULL
+    ch.free_ios = io.next
+    io.status = IO_PENDING
+    io.flags = 0
+    io.nvme_status = 0
+    io.error = 0
+    io.nvme_cdw0 = 0
+    io.iovcnt = 0
+    return io
+
+
+cdef inline void bdev_put_io(BdevChannel ch, bdev_io* io) noexcept nogil:
+    io.next = ch.free_ios
+    ch.free_ios = io
+
+
+cdef inline void bdev_io_set_buffer(bdev_io* io, char* buf, uint64_t nbytes) noexcept nogil:
+    """The I/O's payload: one contiguous segment."""
+    io.iov.iov_base = buf
+    io.iov.iov_len = nbytes
+    io.iovs = &io.iov
+    io.iovcnt = 1
+
+
+cdef inline int bdev_start(BdevChannel ch, bdev_io* io) noexcept nogil:
+    """Hand `io` to the module. It always completes afterwards (see bdev_start_refused)."""
+    cdef int rc
+    io.flags |= IOF_IN_SUBMIT
+    ch.in_module += 1
+    rc = ch.bdev.submit_request(ch, io)
+    io.flags &= ~IOF_IN_SUBMIT
+    if rc == 0:
+        return 0
+    return bdev_start_refused(ch, io, rc)

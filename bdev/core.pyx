@@ -19,7 +19,8 @@ What the layer does between the caller and the module, in the spirit of SPDK's l
 - never completes an I/O inside its own submission (the completion is deferred to the poller), so
   callbacks that resubmit never recurse;
 - counts per-channel statistics (SPDK's iostat fields, in TSC ticks) and optional latency
-  histograms.
+  histograms. A latency runs from the clock read at submission to the start of the channel's
+  poll that finds the I/O complete (one clock read per poll, not per completion).
 
 Every I/O accepted by a submission function completes exactly once, through its callback.
 The C-level path (`bdev_submit`, `bdev_io_cb`) creates no Python object per I/O; the Python path
@@ -207,7 +208,12 @@ cdef inline void _tally(uint64_t* total, uint64_t* most, uint64_t* least,
 
 cdef inline void _account(BdevChannel ch, bdev_io* io, bint ok) noexcept nogil:
     cdef bdev_stats* s = &ch.counters
-    cdef uint64_t ticks = get_ticks() - io.submit_tick
+    cdef uint64_t now = ch.poll_tick
+    cdef uint64_t ticks
+    if now == 0 or now < io.submit_tick:
+        # completed outside a poll of the channel (or submitted after the poll began)
+        now = get_ticks()
+    ticks = now - io.submit_tick
     cdef uint64_t nbytes = io.num_blocks << (<Bdev> io.bdev).block_shift
     if not ok:
         s.io_errors += 1
@@ -251,32 +257,6 @@ cdef dict _stats_dict(const bdev_stats* s):
             "nomem_retries": s.nomem_retries}
 
 
-cdef inline bdev_io* _get_io(BdevChannel ch) noexcept nogil:
-    """An I/O object from the channel's pool (NULL when empty). Only what every I/O reads is
-    reset here; the rest is kept NULL/zero by whoever used it (the Python references and the
-    bounce buffer are cleared when they are released) or is set before it is read (parent and
-    split fields with their flags, the caller's iovec with IOF_BOUNCE). The module's driver_ctx
-    is the module's to initialise."""
-    cdef bdev_io* io = ch.free_ios
-    if io == NULL:
-        return NULL
-    ch.free_ios = io.next
-    ch.nfree -= 1
-    io.flags = 0
-    io.status = IO_PENDING
-    io.error = 0
-    io.nvme_status = 0
-    io.nvme_cdw0 = 0
-    io.iovcnt = 0
-    return io
-
-
-cdef inline void _put_io(BdevChannel ch, bdev_io* io) noexcept nogil:
-    io.next = ch.free_ios
-    ch.free_ios = io
-    ch.nfree += 1
-
-
 # ---- completion ---------------------------------------------------------------------------------
 cdef void bdev_io_complete(bdev_io* io, uint8_t status) noexcept nogil:
     """Modules call this exactly once per I/O they accepted (any time, from the channel's
@@ -305,10 +285,15 @@ cdef void bdev_io_nvme_cpl(void* arg, const nvme_cqe* cpl) noexcept nogil:
     """Complete the bdev_io `arg` with an NVMe completion: its status (kept in nvme_status) and
     cdw0 (nvme_cdw0)."""
     cdef bdev_io* io = <bdev_io*> arg
-    cdef uint16_t code = (cpl.status >> 1) & 0x7FF
-    io.nvme_status = (cpl.status >> 1) & 0x7FFF
+    cdef uint16_t status = (cpl.status >> 1) & 0x7FFF
+    cdef uint16_t code = status & 0x7FF
+    io.nvme_status = status
     io.nvme_cdw0 = cpl.cdw0
-    if code == 0:
+    if code == 0 and io.flags == 0:
+        # the common case, finished here: a success, with no split, bounce, Python callback or
+        # completion inside its own submission to handle
+        _succeed_plain(<BdevChannel> io.channel, io)
+    elif code == 0:
         _complete_on(<BdevChannel> io.channel, io, IO_SUCCESS)
     elif code == 0x285:       # SCT 2 (media), SC 85h: Compare Failure
         _complete_on(<BdevChannel> io.channel, io, IO_MISCOMPARE)
@@ -327,22 +312,36 @@ cdef inline void _nomem_push(BdevChannel ch, bdev_io* io) noexcept nogil:
     ch.nomem_tail = io
 
 
-cdef inline void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
+cdef void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
     cdef bint ok = io.status == IO_SUCCESS
     if io.flags & IOF_CHILD:
         _child_done(ch, io)
         return
-    _account(ch, io, ok)
     if io.flags & IOF_BOUNCE:
         _bounce_finish(io, ok)
     if io.flags & IOF_OWN_IOVS:
         # the array we allocated is the caller's view, which a bounce moved to user_iovs
         free(io.user_iovs if io.flags & IOF_BOUNCE else io.iovs)
     if io.flags & IOF_PY:
+        _account(ch, io, ok)
         _py_finish(io, ok)
-    elif io.cb != NULL:
+        bdev_put_io(ch, io)
+        return
+    _finish_plain(ch, io, ok)
+
+
+cdef inline void _succeed_plain(BdevChannel ch, bdev_io* io) noexcept nogil:
+    ch.in_module -= 1
+    io.status = IO_SUCCESS
+    _finish_plain(ch, io, True)
+
+
+cdef inline void _finish_plain(BdevChannel ch, bdev_io* io, bint ok) noexcept nogil:
+    """The end of every I/O with a C callback (or none): statistics, callback, back to the pool."""
+    _account(ch, io, ok)
+    if io.cb != NULL:
         io.cb(io, ok, io.cb_arg)
-    _put_io(ch, io)
+    bdev_put_io(ch, io)
 
 
 cdef void _bounce_finish(bdev_io* io, bint ok) noexcept nogil:
@@ -454,7 +453,7 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
     cdef uint64_t n
     cdef int rc
     while parent.split_next < end and parent.children_left < MAX_SPLIT_INFLIGHT:
-        child = _get_io(ch)
+        child = bdev_get_io(ch)
         if child == NULL:
             if parent.children_left == 0:
                 # nothing outstanding would ever call us again: fail what is left
@@ -463,8 +462,6 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
                 break
             return
         n = _split_len(ch.bdev, parent, parent.split_next, end - parent.split_next)
-        child.bdev = parent.bdev
-        child.channel = parent.channel
         child.type = BDEV_IO_WRITE if parent.flags & IOF_EMULATED else parent.type
         child.offset_blocks = parent.split_next
         child.num_blocks = n
@@ -476,13 +473,13 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
                              (parent.split_next - parent.offset_blocks) << ch.bdev.block_shift,
                              n << ch.bdev.block_shift)
             if rc != 0:
-                _put_io(ch, child)
+                bdev_put_io(ch, child)
                 parent.child_status = IO_FAILED
                 parent.split_next = end
                 break
         parent.split_next += n
         parent.children_left += 1
-        _start(ch, child)
+        bdev_start(ch, child)
     if parent.children_left == 0:
         parent.status = parent.child_status if parent.child_status else IO_SUCCESS
         if parent.status == IO_NOMEM:
@@ -501,7 +498,7 @@ cdef void _child_done(BdevChannel ch, bdev_io* child) noexcept nogil:
         parent.error = child.error
     if child.flags & IOF_OWN_IOVS:
         free(child.user_iovs if child.flags & IOF_BOUNCE else child.iovs)
-    _put_io(ch, child)
+    bdev_put_io(ch, child)
     parent.children_left -= 1
     if parent.split_next < parent.offset_blocks + parent.num_blocks and not parent.child_status:
         _split_issue(ch, parent)
@@ -518,23 +515,22 @@ cdef inline void _finish_parent(BdevChannel ch, bdev_io* parent) noexcept nogil:
 
 
 # ---- submission ---------------------------------------------------------------------------------
-cdef inline int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
-    """Hand `io` to the module. It always completes afterwards: a module that refuses it for
-    lack of resources gets it again later; a module that refuses it for another reason (a
+cdef int bdev_start_refused(BdevChannel ch, bdev_io* io, int rc) noexcept nogil:
+    """The module did not take `io` (bdev_start). It still completes: a module that refuses it
+    for lack of resources gets it again later; a module that refuses it for another reason (a
     backend failure: every argument was checked before) fails it through its callback."""
-    cdef int rc
-    io.flags |= IOF_IN_SUBMIT
-    ch.in_module += 1
-    rc = ch.bdev.submit_request(ch, io)
+    if io.status != IO_PENDING:
+        # a module that completed the I/O and then reported an error anyway: the completion
+        # stands, so the I/O still completes exactly once
+        return 0
     if (rc == -EFAULT and ch.bdev.dma_required and (_DATA_TYPES >> io.type) & 1
             and not io.flags & IOF_BOUNCE and _bounce_setup(ch.bdev, io) == 0):
         # memory the device cannot reach (not DMA-registered): once more, through DMA memory
+        io.flags |= IOF_IN_SUBMIT
         rc = ch.bdev.submit_request(ch, io)
-    io.flags &= ~IOF_IN_SUBMIT
-    if rc == 0 or io.status != IO_PENDING:
-        # (a module that completed the I/O and then reported an error anyway: the completion
-        # stands, so the I/O still completes exactly once)
-        return 0
+        io.flags &= ~IOF_IN_SUBMIT
+        if rc == 0 or io.status != IO_PENDING:
+            return 0
     ch.in_module -= 1
     if rc == -ENOMEM:
         _nomem_push(ch, io)
@@ -553,7 +549,7 @@ cdef inline int _start(BdevChannel ch, bdev_io* io) noexcept nogil:
 cdef inline bint _aligned(Bdev b, bdev_io* io) noexcept nogil:
     """Does every segment start and end where the module needs (required_alignment)? Whether
     the memory is DMA-able is the module's to say: it refuses with -EFAULT and the layer
-    bounces then (see _start), which spares a translation per I/O in the common case."""
+    bounces then (see bdev_start_refused), which spares a translation per I/O in the common case."""
     cdef uint32_t i
     cdef uint64_t mask = b.required_alignment - 1
     if mask == 0:
@@ -606,14 +602,9 @@ cdef inline int _check(Descriptor desc, BdevChannel ch, uint8_t type, uint64_t o
         return -EINVAL
     if not ch.on_owner():
         return -EXDEV
-    if (_RANGE_TYPES >> type) & 1 and not _in_range(desc.bdev, off, n):
+    if (_RANGE_TYPES >> type) & 1 and not bdev_in_range(desc.bdev, off, n):
         return -ERANGE
     return 0
-
-
-cdef inline bint _in_range(Bdev b, uint64_t off, uint64_t n) noexcept nogil:
-    """Blocks [off, off + n) are a non-empty range inside `b` (no overflow)."""
-    return n != 0 and off < b.num_blocks and n <= b.num_blocks - off
 
 
 cdef int _refusal(Descriptor desc, uint8_t type) noexcept nogil:
@@ -663,21 +654,11 @@ cdef inline int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
         # never run inside this call
         _split_issue(ch, io)
         return 0
-    return _start(ch, io)
-
-
-cdef inline void _set_buffer(bdev_io* io, char* buf, uint64_t nbytes) noexcept nogil:
-    """The I/O's payload: one contiguous segment."""
-    io.iov.iov_base = buf
-    io.iov.iov_len = nbytes
-    io.iovs = &io.iov
-    io.iovcnt = 1
+    return bdev_start(ch, io)
 
 
 cdef inline void _prepare(bdev_io* io, Descriptor desc, BdevChannel ch, uint8_t type,
                           uint64_t off, uint64_t n, bdev_io_cb cb, void* cb_arg) noexcept nogil:
-    io.bdev = <void*> desc.bdev
-    io.channel = <void*> ch
     io.type = type
     io.offset_blocks = off
     io.num_blocks = n
@@ -685,59 +666,24 @@ cdef inline void _prepare(bdev_io* io, Descriptor desc, BdevChannel ch, uint8_t 
     io.cb_arg = cb_arg
 
 
-cdef int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
-                     uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
-                     void* cb_arg) noexcept nogil:
-    """Submit an I/O of `type` on a contiguous buffer (NULL for types without data). 0: it will
-    complete through `cb` exactly once; negative errno: refused, nothing happened:
-    -EBADF closed descriptor, -ENODEV removed bdev, -EXDEV channel of another thread, -EINVAL
-    channel of another bdev, -EACCES read-only descriptor, -EOPNOTSUPP unsupported type, -ERANGE
-    range outside the bdev, -ENOMEM no free I/O object on this channel."""
-    cdef bdev_io* io
-    # The common case in one pass: a read or write that this descriptor may do, on this
-    # thread's channel of the bdev, inside it, needing neither a split nor a bounce. The same
-    # checks as _check and _submit_io, in fewer steps; anything else takes the general path.
-    if ((type == BDEV_IO_READ or type == BDEV_IO_WRITE) and (desc.io_mask >> type) & 1
-            and <void*> ch.bdev == <void*> desc.bdev
-            and num_blocks <= desc.bdev.fast_max_blocks and _in_range(desc.bdev, offset_blocks,
-                                                                      num_blocks)
-            and not ((<uintptr_t> buf | (num_blocks << desc.bdev.block_shift))
-                     & desc.bdev.align_mask)
-            and ch.on_owner()):
-        io = _get_io(ch)
-        if io == NULL:
-            return -ENOMEM
-        _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
-        _set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
-        io.submit_tick = get_ticks()
-        return _start(ch, io)
-    # (through a pointer: the compiler would inline the general path here, and the fast one
-    # would pay for its registers and stack)
-    return _general(desc, ch, type, buf, offset_blocks, num_blocks, cb, cb_arg)
-
-
-ctypedef int (*_submit_fn)(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
-                           uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
-                           void* cb_arg) noexcept nogil
-cdef _submit_fn _general = _submit_general
-
-
-cdef int _submit_general(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
-                         uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
-                         void* cb_arg) noexcept nogil:
+cdef int bdev_submit_general(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
+                             uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
+                             void* cb_arg) noexcept nogil:
+    """bdev_submit (core.pxd) for everything but its common case: the checks one by one, then
+    bounce, emulation, split or start."""
     cdef int rc = _check(desc, ch, type, offset_blocks, num_blocks)
     cdef bdev_io* io
     if rc != 0:
         return rc
-    io = _get_io(ch)
+    io = bdev_get_io(ch)
     if io == NULL:
         return -ENOMEM
     _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
     if (_DATA_TYPES >> type) & 1:
-        _set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
+        bdev_io_set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
     rc = _submit_io(ch, io)
     if rc != 0:
-        _put_io(ch, io)
+        bdev_put_io(ch, io)
     return rc
 
 
@@ -758,7 +704,7 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
         total += iovs[i].iov_len
     if total != num_blocks << desc.bdev.block_shift:
         return -EINVAL
-    io = _get_io(ch)
+    io = bdev_get_io(ch)
     if io == NULL:
         return -ENOMEM
     _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
@@ -766,7 +712,7 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
     io.iovcnt = iovcnt
     rc = _submit_io(ch, io)
     if rc != 0:
-        _put_io(ch, io)
+        bdev_put_io(ch, io)
     return rc
 
 
@@ -780,10 +726,10 @@ cdef class BdevChannel(IoChannel):
     NOMEM queue and its statistics. Modules subclass it to keep per-thread state (a queue pair)."""
 
     cdef bdev_io* get_io(self) noexcept nogil:
-        return _get_io(self)
+        return bdev_get_io(self)
 
     cdef void put_io(self, bdev_io* io) noexcept nogil:
-        _put_io(self, io)
+        bdev_put_io(self, io)
 
     cdef int poll(self) noexcept nogil:
         cdef int work = 0
@@ -791,9 +737,13 @@ cdef class BdevChannel(IoChannel):
         cdef int rc
         cdef int budget = NOMEM_RETRY_BUDGET
         cdef bdev_io* batch = self.done_head
-        # only what was done before this poll: callbacks that resubmit add to a fresh list, so
-        # one poll never loops for ever on a device that completes at once
-        self.done_head = self.done_tail = NULL
+        # One clock read for every I/O this poll finds complete (each was complete when the
+        # poll began), instead of one per I/O: see _account.
+        self.poll_tick = get_ticks()
+        if batch != NULL:
+            # only what was done before this poll: callbacks that resubmit add to a fresh
+            # list, so one poll never loops for ever on a device that completes at once
+            self.done_head = self.done_tail = NULL
         while batch != NULL:
             io = batch
             batch = io.next
@@ -824,6 +774,7 @@ cdef class BdevChannel(IoChannel):
                 io.error = -rc
                 _finish(self, io)
             work += 1
+        self.poll_tick = 0
         return work
 
     def _setup(self, Bdev bdev, uint32_t nios):
@@ -835,9 +786,10 @@ cdef class BdevChannel(IoChannel):
         cdef long k
         for k in range(<long> nios - 1, -1, -1):
             self.ios[k].index = <uint32_t> k
+            self.ios[k].bdev = <void*> bdev
+            self.ios[k].channel = <void*> self
             self.ios[k].next = self.free_ios
             self.free_ios = &self.ios[k]
-        self.nfree = nios
         _stats_init(&self.counters)
         if bdev._histograms:
             self.histogram = Histogram()
@@ -883,7 +835,12 @@ cdef class BdevChannel(IoChannel):
 
     @property
     def free_io_count(self):
-        return self.nfree
+        cdef uint32_t n = 0
+        cdef bdev_io* io = self.free_ios
+        while io != NULL:
+            n += 1
+            io = io.next
+        return n
 
     def stats(self):
         return _stats_dict(&self.counters)
@@ -1231,7 +1188,7 @@ cdef class Descriptor:
         cdef bdev_io* io
         if rc != 0:
             self._raise(rc, t, c)
-        io = _get_io(c)
+        io = bdev_get_io(c)
         if io == NULL:
             self._raise(-ENOMEM, t, c)
         _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
@@ -1262,15 +1219,15 @@ cdef class Descriptor:
         if (_DATA_TYPES >> t) & 1:
             need = num_blocks << self.bdev.block_shift
             if buf is None:
-                _put_io(c, io)
+                bdev_put_io(c, io)
                 raise InvalidArgument(f"{IO_TYPE_NAMES[t]} needs a buffer")
             if isinstance(buf, DmaBuffer):
                 dbuf = <DmaBuffer> buf
                 if dbuf.freed:
-                    _put_io(c, io)
+                    bdev_put_io(c, io)
                     dbuf.check_live()
                 if dbuf.nbytes() < need:
-                    _put_io(c, io)
+                    bdev_put_io(c, io)
                     raise InvalidArgument(f"the buffer holds {dbuf.nbytes()} bytes; "
                                           f"{num_blocks} blocks need {need}")
                 io.iov.iov_base = dbuf.data()
@@ -1288,7 +1245,7 @@ cdef class Descriptor:
                                               f"{num_blocks} blocks need {need}")
                     PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
                 except BaseException:
-                    _put_io(c, io)
+                    bdev_put_io(c, io)
                     raise
                 io.iov.iov_base = view.buf
                 PyBuffer_Release(&view)      # `mv` keeps the export alive until completion
@@ -1310,7 +1267,7 @@ cdef class Descriptor:
             Py_XDECREF(io.py_cb)
             Py_XDECREF(io.py_ref)
             io.py_cb = io.py_ref = NULL
-            _put_io(c, io)
+            bdev_put_io(c, io)
             self._raise(rc, t, c)
 
     def submitv(self, ch, io_type, buffers, uint64_t offset_blocks, cb=None):
@@ -1346,7 +1303,7 @@ cdef class Descriptor:
         io = self._take_io(c, t, offset_blocks, num_blocks)
         io.iovs = <iovec*> malloc(n * sizeof(iovec))
         if io.iovs == NULL:
-            _put_io(c, io)
+            bdev_put_io(c, io)
             raise MemoryError()
         io.iovcnt = n
         io.flags = IOF_PY | IOF_OWN_IOVS
@@ -1372,7 +1329,7 @@ cdef class Descriptor:
             Py_XDECREF(io.py_cb)
             Py_XDECREF(io.py_ref)
             free(io.iovs)
-            _put_io(c, io)
+            bdev_put_io(c, io)
             self._raise(rc, t, c)
 
     # -- convenience, in blocks and in bytes --

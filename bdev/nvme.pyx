@@ -422,6 +422,7 @@ cdef class NvmeController(IoDevice):
 # ---- the bdev and its channel -------------------------------------------------------------------
 cdef class NvmeBdevChannel(BdevChannel):
     cdef _QpairChannel qch
+    cdef QueuePair qpair                # qch.qpair (set once), one load less per I/O
 
     @property
     def queue_pair(self):
@@ -447,14 +448,15 @@ cdef class NvmeBdev(Bdev):
         self.vwc = bool(controller.ctrlr.data.vwc & 1)
 
     cdef int submit_request(self, BdevChannel ch, bdev_io* io) noexcept nogil:
-        return _submit(self, (<NvmeBdevChannel> ch).qch, io)
+        return _submit(self, <NvmeBdevChannel> ch, io)
 
     cdef int poll_channel(self, BdevChannel ch) noexcept nogil:
-        cdef int n = (<NvmeBdevChannel> ch).qch.qpair.process_completions_c(0)
+        cdef int n = (<NvmeBdevChannel> ch).qpair.process_completions_c(0)
         return n if n > 0 else 0
 
     def setup_channel(self, BdevChannel ch):
         (<NvmeBdevChannel> ch).qch = self.controller.get_io_channel()
+        (<NvmeBdevChannel> ch).qpair = (<NvmeBdevChannel> ch).qch.qpair
 
     def teardown_channel(self, BdevChannel ch):
         # the bdev layer has drained the channel; keep the reference (a stray submission then
@@ -501,27 +503,29 @@ cdef int _unavailable(NvmeBdev b, int qstate) noexcept nogil:
     return -ENOMEM
 
 
-cdef inline int _submit(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
+cdef inline int _submit(NvmeBdev b, NvmeBdevChannel ch, bdev_io* io) noexcept nogil:
     # Reads and writes first, tested one by one: a switch over the type would be a jump table,
-    # an indirect branch per I/O (dear under an emulator's binary translation).
-    cdef int rc
-    if (q.qpair.state == QP_ENABLED and io.num_blocks <= MAX_NLB
+    # an indirect branch per I/O (dear under an emulator's binary translation). The queue pair
+    # is enabled, so submit_io cannot refuse it as unavailable.
+    if (ch.qpair.state == QP_ENABLED and io.num_blocks <= MAX_NLB
             and (io.type == BDEV_IO_READ or io.type == BDEV_IO_WRITE)):
-        rc = _submit_rw(b, q, io, NVM_READ if io.type == BDEV_IO_READ else NVM_WRITE)
-        if rc == -ENXIO:
-            return _unavailable(b, q.qpair.state)
-        return rc
-    return _submit_other(b, q, io)
+        return _submit_rw(b, ch.qpair, io, NVM_READ if io.type == BDEV_IO_READ else NVM_WRITE)
+    # (through a pointer: inlined, the rest would cost the common case registers and stack)
+    return _other(b, ch.qch, io)
 
 
-cdef inline int _submit_rw(NvmeBdev b, _QpairChannel q, bdev_io* io, uint8_t opc) noexcept nogil:
+ctypedef int (*_submit_fn)(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil
+cdef _submit_fn _other = _submit_other
+
+
+cdef inline int _submit_rw(NvmeBdev b, QueuePair qp, bdev_io* io, uint8_t opc) noexcept nogil:
     """A command with data (read, write, compare) on the I/O's segments."""
     if io.iovcnt == 1:
-        return q.qpair.submit_io(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
-                                 b.block_shift, <char*> io.iovs[0].iov_base, 0, 0, _io_done,
-                                 <void*> io)
-    return q.qpair.submit_iov(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
-                              b.block_shift, io.iovs, io.iovcnt, 0, _io_done, <void*> io)
+        return qp.submit_io(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
+                            b.block_shift, <char*> io.iovs[0].iov_base, 0, 0, _io_done,
+                            <void*> io)
+    return qp.submit_iov(opc, b.nsid, io.offset_blocks, <uint32_t> io.num_blocks,
+                         b.block_shift, io.iovs, io.iovcnt, 0, _io_done, <void*> io)
 
 
 cdef int _submit_other(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
@@ -538,7 +542,7 @@ cdef int _submit_other(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
     if io.type == BDEV_IO_READ or io.type == BDEV_IO_WRITE or io.type == BDEV_IO_COMPARE:
         opc = (NVM_READ if io.type == BDEV_IO_READ else
                NVM_WRITE if io.type == BDEV_IO_WRITE else NVM_COMPARE)
-        rc = _submit_rw(b, q, io, opc)
+        rc = _submit_rw(b, q.qpair, io, opc)
     elif io.type == BDEV_IO_WRITE_ZEROES:
         rc = q.qpair.submit_io(NVM_WRITE_ZEROES, b.nsid, io.offset_blocks,
                                <uint32_t> io.num_blocks, b.block_shift, NULL, 0, 0, _io_done,
