@@ -287,8 +287,10 @@ cdef void bdev_io_nvme_cpl(void* arg, const nvme_cqe* cpl) noexcept nogil:
     cdef bdev_io* io = <bdev_io*> arg
     cdef uint16_t status = (cpl.status >> 1) & 0x7FFF
     cdef uint16_t code = status & 0x7FF
-    io.nvme_status = status
-    io.nvme_cdw0 = cpl.cdw0
+    cdef uint32_t cdw0 = cpl.cdw0
+    if status | cdw0:           # (both are 0 since bdev_get_io: no store for a plain success)
+        io.nvme_status = status
+        io.nvme_cdw0 = cdw0
     if code == 0 and io.flags == 0:
         # the common case, finished here: a success, with no split, bounce, Python callback or
         # completion inside its own submission to handle
