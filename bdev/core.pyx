@@ -271,12 +271,7 @@ cdef inline void _complete_on(BdevChannel ch, bdev_io* io, uint8_t status) noexc
         _nomem_push(ch, io)
         return
     if io.flags & IOF_IN_SUBMIT:
-        io.next = NULL
-        if ch.done_tail == NULL:
-            ch.done_head = io
-        else:
-            ch.done_tail.next = io
-        ch.done_tail = io
+        _defer(ch, io)
         return
     _finish(ch, io)
 
@@ -303,6 +298,16 @@ cdef void bdev_io_nvme_cpl(void* arg, const nvme_cqe* cpl) noexcept nogil:
         _complete_on(<BdevChannel> io.channel, io, IO_ABORTED)
     else:
         _complete_on(<BdevChannel> io.channel, io, IO_NVME_ERROR)
+
+
+cdef inline void _defer(BdevChannel ch, bdev_io* io) noexcept nogil:
+    """Finish `io` from the channel's next poll (never inside its own submission)."""
+    io.next = NULL
+    if ch.done_tail == NULL:
+        ch.done_head = io
+    else:
+        ch.done_tail.next = io
+    ch.done_tail = io
 
 
 cdef inline void _nomem_push(BdevChannel ch, bdev_io* io) noexcept nogil:
@@ -539,12 +544,7 @@ cdef int bdev_start_refused(BdevChannel ch, bdev_io* io, int rc) noexcept nogil:
         return 0
     io.error = -rc
     io.status = IO_FAILED
-    io.next = NULL
-    if ch.done_tail == NULL:
-        ch.done_head = io
-    else:
-        ch.done_tail.next = io
-    ch.done_tail = io
+    _defer(ch, io)
     return 0
 
 
