@@ -187,11 +187,7 @@ cdef inline int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char*
         io = bdev_get_io(ch)
         if io == NULL:
             return -ENOMEM
-        io.type = type
-        io.offset_blocks = offset_blocks
-        io.num_blocks = num_blocks
-        io.cb = cb
-        io.cb_arg = cb_arg
+        bdev_io_prepare(io, type, offset_blocks, num_blocks, cb, cb_arg)
         bdev_io_set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
         io.submit_tick = get_ticks()
         return bdev_start(ch, io)
@@ -242,6 +238,16 @@ cdef inline bdev_io* bdev_get_io(BdevChannel ch) noexcept nogil:
 cdef inline void bdev_put_io(BdevChannel ch, bdev_io* io) noexcept nogil:
     io.next = ch.free_ios
     ch.free_ios = io
+
+
+cdef inline void bdev_io_prepare(bdev_io* io, uint8_t type, uint64_t off, uint64_t n,
+                                 bdev_io_cb cb, void* cb_arg) noexcept nogil:
+    """What the caller asked for: type, range and completion callback."""
+    io.type = type
+    io.offset_blocks = off
+    io.num_blocks = n
+    io.cb = cb
+    io.cb_arg = cb_arg
 
 
 cdef inline void bdev_io_set_buffer(bdev_io* io, char* buf, uint64_t nbytes) noexcept nogil:

@@ -289,7 +289,7 @@ cdef void bdev_io_nvme_cpl(void* arg, const nvme_cqe* cpl) noexcept nogil:
     if code == 0 and io.flags == 0:
         # the common case, finished here: a success, with no split, bounce, Python callback or
         # completion inside its own submission to handle
-        _succeed_plain(<BdevChannel> io.channel, io)
+        _succeed(<BdevChannel> io.channel, io)
     elif code == 0:
         _complete_on(<BdevChannel> io.channel, io, IO_SUCCESS)
     elif code == 0x285:       # SCT 2 (media), SC 85h: Compare Failure
@@ -329,24 +329,21 @@ cdef void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
     if io.flags & IOF_OWN_IOVS:
         # the array we allocated is the caller's view, which a bounce moved to user_iovs
         free(io.user_iovs if io.flags & IOF_BOUNCE else io.iovs)
-    if io.flags & IOF_PY:
-        _account(ch, io, ok)
-        _py_finish(io, ok)
-        bdev_put_io(ch, io)
-        return
-    _finish_plain(ch, io, ok)
+    _end_io(ch, io, ok)
 
 
-cdef inline void _succeed_plain(BdevChannel ch, bdev_io* io) noexcept nogil:
+cdef inline void _succeed(BdevChannel ch, bdev_io* io) noexcept nogil:
     ch.in_module -= 1
     io.status = IO_SUCCESS
-    _finish_plain(ch, io, True)
+    _end_io(ch, io, True)
 
 
-cdef inline void _finish_plain(BdevChannel ch, bdev_io* io, bint ok) noexcept nogil:
-    """The end of every I/O with a C callback (or none): statistics, callback, back to the pool."""
+cdef inline void _end_io(BdevChannel ch, bdev_io* io, bint ok) noexcept nogil:
+    """The end of every I/O (children excepted): statistics, callback, back to the pool."""
     _account(ch, io, ok)
-    if io.cb != NULL:
+    if io.flags & IOF_PY:
+        _py_finish(io, ok)
+    elif io.cb != NULL:
         io.cb(io, ok, io.cb_arg)
     bdev_put_io(ch, io)
 
@@ -659,15 +656,6 @@ cdef inline int _submit_io(BdevChannel ch, bdev_io* io) noexcept nogil:
     return bdev_start(ch, io)
 
 
-cdef inline void _prepare(bdev_io* io, Descriptor desc, BdevChannel ch, uint8_t type,
-                          uint64_t off, uint64_t n, bdev_io_cb cb, void* cb_arg) noexcept nogil:
-    io.type = type
-    io.offset_blocks = off
-    io.num_blocks = n
-    io.cb = cb
-    io.cb_arg = cb_arg
-
-
 cdef int bdev_submit_general(Descriptor desc, BdevChannel ch, uint8_t type, char* buf,
                              uint64_t offset_blocks, uint64_t num_blocks, bdev_io_cb cb,
                              void* cb_arg) noexcept nogil:
@@ -680,7 +668,7 @@ cdef int bdev_submit_general(Descriptor desc, BdevChannel ch, uint8_t type, char
     io = bdev_get_io(ch)
     if io == NULL:
         return -ENOMEM
-    _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
+    bdev_io_prepare(io, type, offset_blocks, num_blocks, cb, cb_arg)
     if (_DATA_TYPES >> type) & 1:
         bdev_io_set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
     rc = _submit_io(ch, io)
@@ -709,7 +697,7 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
     io = bdev_get_io(ch)
     if io == NULL:
         return -ENOMEM
-    _prepare(io, desc, ch, type, offset_blocks, num_blocks, cb, cb_arg)
+    bdev_io_prepare(io, type, offset_blocks, num_blocks, cb, cb_arg)
     io.iovs = iovs
     io.iovcnt = iovcnt
     rc = _submit_io(ch, io)
@@ -1193,7 +1181,7 @@ cdef class Descriptor:
         io = bdev_get_io(c)
         if io == NULL:
             self._raise(-ENOMEM, t, c)
-        _prepare(io, self, c, t, offset_blocks, num_blocks, NULL, NULL)
+        bdev_io_prepare(io, t, offset_blocks, num_blocks, NULL, NULL)
         return io
 
     def submit(self, ch, io_type, buf, uint64_t offset_blocks, uint64_t num_blocks, cb=None):
