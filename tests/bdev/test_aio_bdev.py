@@ -426,13 +426,16 @@ def test_reads_past_a_truncated_end_fail_with_a_status(make, dio_dir, engine):
     with pytest.raises(IoError) as ei:
         d.read_sync(ch, buf, 512 * KiB)                # wholly beyond: 0 bytes
     assert ei.value.status.kind == "failed" and ei.value.status.io_type == "read"
-    with pytest.raises(IoError):
+    assert ei.value.errno == ei.value.status.errno == errno.ENODATA
+    assert os.strerror(errno.ENODATA) in str(ei.value)
+    with pytest.raises(IoError) as ei:
         d.read_sync(ch, buf, 256 * KiB - 4096)        # straddles the end: short
+    assert ei.value.status.errno == errno.ENODATA
     c = Completions()
     d.read(ch, buf, 768 * KiB, cb=c.cb("async"))
     c.wait(ch, 1)
     ok, status = c.done["async"]
-    assert not ok and status.kind == "failed"
+    assert not ok and status.kind == "failed" and status.errno == errno.ENODATA
     d.read_sync(ch, buf, 0)                            # the part that is left still reads
     assert bytes(buf) == file_bytes(path, 0, 8192)
     st = ch.aio_stats()
@@ -460,11 +463,44 @@ def test_engine_errors_complete_with_failed(make, dio_dir, engine):
     buf = allocate(4096)
     with pytest.raises(IoError) as ei:
         o.desc.write_sync(o.ch, buf, 0)
-    assert ei.value.status.kind == "failed"
+    assert ei.value.status.kind == "failed" and ei.value.status.errno == errno.EBADF
+    assert ei.value.errno == errno.EBADF and ei.value.strerror == os.strerror(errno.EBADF)
     st = o.ch.aio_stats()
     assert st["failed"] == 1 and st["last_errno"] == errno.EBADF
     o.desc.read_sync(o.ch, buf, 0)
     assert bytes(buf) == file_bytes(path, 0, 4096)
+    buf.free()
+
+
+def test_a_write_beyond_the_file_size_limit_fails_with_efbig(make, dio_dir, engine):
+    """RLIMIT_FSIZE below the write: the kernel fails it with EFBIG, and that errno reaches the
+    completion's status and the blocking helper's IoError (with "File too large"), not only the
+    channel's statistics."""
+    import resource
+    path = new_file(dio_dir, MiB)
+    o = make(path, engine=engine, block_size=4096)
+    buf = allocate(4096)
+    memoryview(buf)[:] = b"\xee" * 4096
+    c = Completions()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 * KiB, hard))
+    try:
+        with pytest.raises(IoError) as ei:
+            o.desc.write_sync(o.ch, buf, 768 * KiB)
+        o.desc.write(o.ch, buf, 640 * KiB, cb=c.cb("async"))
+        c.wait(o.ch, 1)
+        o.desc.write_sync(o.ch, buf, 0)                   # below the limit: fine
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    e = ei.value
+    assert e.status.kind == "failed" and e.status.errno == errno.EFBIG
+    assert e.errno == errno.EFBIG and e.strerror == os.strerror(errno.EFBIG)
+    assert os.strerror(errno.EFBIG) in str(e)
+    ok, status = c.done["async"]
+    assert not ok and status.errno == errno.EFBIG
+    assert o.ch.aio_stats()["last_errno"] == errno.EFBIG
+    assert file_bytes(path, 768 * KiB, 4096) != b"\xee" * 4096
+    assert file_bytes(path, 0, 4096) == b"\xee" * 4096
     buf.free()
 
 
