@@ -200,6 +200,13 @@ cdef class NvmeController(IoDevice):
         if q.qpair is not None:
             self._delete_qpair(q.qpair)
 
+    def channel_moved(self, IoChannel channel):
+        # the thread's OS thread ended and another one releases the channel: the queue pair
+        # (which checks its OS thread) goes with it, so that its commands drain there
+        cdef _QpairChannel q = <_QpairChannel> channel
+        if q.qpair is not None:
+            q.qpair.bind_to_current_thread()
+
     def _delete_qpair(self, qp):
         c = self.ctrlr
         try:

@@ -504,6 +504,66 @@ def test_a_write_beyond_the_file_size_limit_fails_with_efbig(make, dio_dir, engi
     buf.free()
 
 
+def _engine_contexts():
+    """AIO contexts and io_uring instances of this process (its share of fs.aio-nr, and of
+    io_uring memory): their ring mappings in /proc/self/maps."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "[aio]" in line or "io_uring" in line)
+
+
+def test_os_threads_that_end_without_put_release_their_channels(dio_dir, engine, caplog):
+    """20 OS threads each take a channel (an AIO context of 128 slots, or an io_uring), leave a
+    read in flight and end without put(): each channel is released (the read completes once),
+    a warning names the bdev and the thread, no context is left, and neither the channels nor
+    their Threads stay alive."""
+    import gc
+    import threading
+    import weakref
+    from env.thread import wait_ended_threads
+    path = new_file(dio_dir, MiB)
+    aio.create("AIOleak", path, engine=engine, queue_depth=128)
+    desc = bdev.open_bdev("AIOleak", write=True)
+    c = Completions()
+    refs, errors = [], []
+    try:
+        before = _engine_contexts()
+        aio_nr = Path("/proc/sys/fs/aio-nr")
+        start_nr = int(aio_nr.read_text()) if aio_nr.exists() else None
+
+        def worker(i):
+            try:
+                ch = desc.get_io_channel()
+                buf = allocate(4096)
+                desc.read_sync(ch, buf, i * 4096)
+                desc.read(ch, allocate(64 * KiB), i * 4096, cb=c.cb(i))   # left in flight
+                refs.append((weakref.ref(ch), weakref.ref(ch.thread)))
+            except BaseException as e:
+                errors.append(e)
+
+        with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+            for i in range(20):
+                t = threading.Thread(target=worker, args=(i,), name=f"leaver-{i}")
+                t.start()
+                t.join(30)
+            assert wait_ended_threads(60)
+        assert errors == []
+        assert _engine_contexts() == before
+        assert sorted(c.done) == list(range(20))              # each in-flight read, once
+        assert all(ok for ok, _ in c.done.values())
+        warnings = [r.getMessage() for r in caplog.records if "ended without put()" in r.getMessage()]
+        assert len(warnings) == 20
+        assert all("'AIOleak'" in w for w in warnings)
+        assert sorted(int(w.split("leaver-")[1].split()[0]) for w in warnings) == list(range(20))
+        gc.collect()
+        assert [(a(), b()) for a, b in refs] == [(None, None)] * 20
+        if start_nr is not None and engine == "aio":
+            # machine-wide (other processes move it too): at least ours went back
+            assert int(aio_nr.read_text()) < start_nr + 20 * 128
+    finally:
+        desc.close()
+        aio.delete("AIOleak")
+
+
 def test_channel_put_with_io_in_flight_completes_everything(dio_dir, engine):
     """Releasing the last reference of a channel with I/O in flight: every I/O still completes
     exactly once (while the channel is destroyed), then the engine's context is gone."""

@@ -447,6 +447,40 @@ def test_controller_fatal_status_is_answered_with_a_reset(nvme0):
     assert nc.state == "ready"
 
 
+def test_an_os_thread_that_ends_without_put_gives_its_queue_pair_back(attach, caplog):
+    """A thread that takes an NVMe bdev channel (its own I/O queue pair), submits a read and
+    ends without polling or put(): the read completes once, where the channel is released (the
+    queue pair follows its Thread to that OS thread), and the queue pair is deleted."""
+    import logging
+    import threading
+    from env.thread import wait_ended_threads
+    nc, emu = attach("NvmeEnd")
+    desc = bdev.open_bdev("NvmeEndn1", write=True)
+    calls = Completions()
+    errors = []
+
+    def worker():
+        try:
+            ch = desc.get_io_channel()
+            desc.read(ch, dma(bytes(4096)), 0, cb=calls.cb("left"))   # never polled here
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+            t = threading.Thread(target=worker, name="nvme-leaver")
+            t.start()
+            t.join(30)
+            assert wait_ended_threads(30)
+        assert errors == []
+        assert calls.done == {"left": (True, calls.done["left"][1])}
+        assert nc.channel_count == 0 and nc.ctrlr.qpairs == {}
+        assert sorted(q for q in emu.sqs if q) == []
+        assert "nvme-leaver" in caplog.text and "'NvmeEndn1'" in caplog.text
+    finally:
+        desc.close()
+
+
 # ---- hot removal, detach ---------------------------------------------------------------------
 def test_hot_removal_with_io_in_flight(attach):
     nc, emu = attach("NvmeH", [EmuNamespace(4096), EmuNamespace(4096)])

@@ -856,6 +856,106 @@ def test_destroying_a_thread_releases_leaked_channels(caplog):
     assert "leaky" in caplog.text
 
 
+class MovingDevice(RecordingDevice):
+    """Records channel_moved too (the hook of devices whose state belongs to an OS thread)."""
+
+    def channel_moved(self, channel):
+        self.events.append(("moved", T.current_thread().name, threading.get_ident()))
+
+
+def test_an_os_thread_that_ends_without_put_has_its_channels_released(caplog):
+    """The app thread of an OS thread that ends holding channels: the reaper releases them (on
+    the Thread, adopted by another OS thread, after channel_moved), says so once naming the
+    devices and the thread, and nothing stays alive."""
+    dev, other = MovingDevice("leaky-dev"), RecordingDevice("second-dev")
+    refs, names, idents = [], [], []
+
+    def work():
+        th = T.current_thread()
+        T.get_io_channel(dev)
+        T.get_io_channel(dev)                  # two references, neither put
+        T.get_io_channel(other)
+        th.send(lambda: names.append("late message"))   # never polled here
+        by_dev = {c.device: c for c in th.channels}
+        refs.extend([weakref.ref(th), weakref.ref(by_dev[dev]), weakref.ref(by_dev[other])])
+        names.append(th.name)
+        idents.append(threading.get_ident())
+
+    with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+        ot = threading.Thread(target=work, name="leaving-worker")
+        ot.start()
+        ot.join(30)
+        assert T.wait_ended_threads(30)
+    assert dev.channel_count == 0 and other.channel_count == 0
+    kinds = [e[0] for e in dev.events]
+    assert kinds == ["create", "moved", "destroy"]
+    assert dev.events[1][1] == names[0] and dev.events[1][2] != idents[0]   # its Thread, elsewhere
+    assert dev.events[2][1].name == names[0]                         # destroyed on its Thread
+    assert names[1:] == ["late message"]                             # its messages ran
+    warnings = [r for r in caplog.records if "ended without put()" in r.getMessage()]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert ("leaving-worker" in text and names[0] in text and "'leaky-dev'" in text
+            and "'second-dev'" in text)
+    dev.events.clear()                         # (they hold the Thread)
+    other.events.clear()
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_an_app_thread_without_channels_is_just_unbound():
+    ref = in_os_thread(lambda: weakref.ref(T.current_thread()))
+    assert T.wait_ended_threads(5)
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_bound_thread_is_left_to_its_owner_with_a_warning(caplog):
+    """A Thread bound with bind() is its creator's: when its OS thread ends it is unbound (not
+    destroyed) and a warning says it still holds channels; destroy() releases them."""
+    dev = RecordingDevice("kept-dev")
+    th = T.Thread("owned")
+
+    def work():
+        th.bind()
+        T.get_io_channel(dev)
+
+    with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+        in_os_thread(work)
+        assert T.wait_ended_threads(30)
+    assert "'owned'" in caplog.text and "'kept-dev'" in caplog.text and "destroy()" in caplog.text
+    assert not th.is_bound and th.state == "running" and dev.channel_count == 1
+    th.bind()
+    th.exit()
+    th.destroy()
+    assert dev.channel_count == 0 and dev.events[-1][0] == "destroy"
+
+
+def test_io_in_flight_completes_once_when_its_os_thread_ends():
+    """A channel with work outstanding (its destroy waits for it): completed exactly once, by
+    the release, never lost."""
+    completions = []
+
+    class PendingDevice(T.IoDevice):
+        def destroy_channel_ctx(self, channel):
+            for tag in channel.ctx:
+                completions.append(tag)     # what a bdev channel does: finish what is in flight
+
+        def create_channel_ctx(self, channel):
+            return []
+
+    dev = PendingDevice("pending-dev")
+
+    def work():
+        ch = T.get_io_channel(dev)
+        ch.ctx.extend(["io-1", "io-2"])
+
+    for _ in range(3):
+        in_os_thread(work)
+    assert T.wait_ended_threads(30)
+    assert completions == ["io-1", "io-2"] * 3 and dev.channel_count == 0
+
+
 def test_no_channels_on_an_exited_thread():
     dev = RecordingDevice()
     th = T.Thread()
