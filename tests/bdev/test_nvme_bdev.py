@@ -328,6 +328,33 @@ def test_injected_nvme_errors_reach_the_callback(nvme0):
     o.desc.read_sync(o.ch, bytearray(4096), 0)      # and the next I/O is fine
 
 
+def test_an_io_aborted_by_request_is_aborted(attach):
+    """A read the controller holds times out; the driver's Abort completes it with "Command
+    Abort Requested" (SCT 0, SC 07h): the bdev reports it as "aborted", the NVMe status kept,
+    and the I/Os beside it complete normally."""
+    from nvme.controller import ControllerOptions
+    nc, emu = attach("NvmeAb", options=ControllerOptions(io_timeout_s=0.1))
+    o = Open("NvmeAbn1")
+    try:
+        emu.hold(NvmOpcode.READ, count=1)
+        calls = Completions()
+        o.desc.read(o.ch, dma(bytes(4096)), 0, cb=calls.cb("held"))
+        o.desc.read(o.ch, dma(bytes(4096)), 8 * 512, cb=calls.cb("next"))
+        poll_until(lambda: len(calls) == 2)
+        ok, st = calls.done["held"]
+        assert not ok and st.kind == "aborted", st
+        assert st.nvme.matches(Generic.ABORTED_BY_REQUEST) and (st.nvme.sct, st.nvme.sc) == (0, 7)
+        assert calls.done["next"][0]
+        assert emu.counters["aborted"] == 1 and nc.ctrlr.reset_count == 0
+        with pytest.raises(IoError) as ei:                 # the blocking helper says the same
+            emu.hold(NvmOpcode.WRITE, count=1)
+            o.desc.write_sync(o.ch, dma(bytes(4096)), 0)
+        assert ei.value.status.kind == "aborted"
+        o.desc.read_sync(o.ch, bytearray(4096), 0)         # and the next I/O is fine
+    finally:
+        o.close()
+
+
 def test_c_path_workload(nvme0):
     """bdev.perf: the workload generator through bdev_submit on the NVMe bdev (C callbacks)."""
     from bdev import perf

@@ -299,14 +299,26 @@ def test_pause_and_resume(thread):
 
 
 def test_paused_timed_poller_restarts_its_period_on_resume(thread):
-    c = X.CountingPoller(thread, period_us=10000)
-    c.poller.pause()
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 0.03:
+    """Resumed, a timed poller waits a whole period from the resume (its old deadline, long
+    past, is forgotten), then runs. No timing is asserted that load could break: when it runs,
+    its own clock reading must be a period after the resume, however late that is."""
+    period = 0.2
+    runs = []
+    p = thread.register_poller(lambda: runs.append(time.monotonic()), int(period * 1e6))
+    p.pause()
+    paused_at = time.monotonic()
+    while time.monotonic() - paused_at < 1.5 * period:    # the first deadline goes by, paused
         thread.poll()
-    assert c.count == 0
-    c.poller.resume()
-    thread.run_until(lambda: c.count >= 1, timeout=10)
+    assert runs == []
+    resumed_at = time.monotonic()
+    p.resume()
+    for _ in range(200):                  # polls right after the resume: not due yet
+        thread.poll()
+    assert all(t - resumed_at >= period - 0.002 for t in runs), \
+        f"ran {runs[0] - resumed_at:.4f} s after resume, period {period} s"
+    thread.run_until(lambda: runs, timeout=10)              # and it does run afterwards
+    assert runs[0] - resumed_at >= period - 0.002
+    p.unregister()
 
 
 def test_unregister_from_inside_the_poller(thread):
