@@ -125,9 +125,10 @@ def test_failed_queue_creations_leak_nothing(make_rig):
     # a failure after the queues exist on the controller: the timeout (forced past the checks)
     object.__setattr__(c.options, "io_timeout_s", math.nan)
     for _ in range(3 * c.num_io_queues):
-        with pytest.raises(InvalidArgument, match="timeout"):
+        with pytest.raises(Exception) as ei:
             c.create_io_qpair(8)
-        assert queues_in_use(emu) == ([], [])
+        assert queues_in_use(emu) == ([], []) and len(c._free_qids) == 4, ei.value
+        assert isinstance(ei.value, InvalidArgument) and "timeout" in str(ei.value)
     object.__setattr__(c.options, "io_timeout_s", 0)
     assert queues_in_use(emu) == ([], []) and c.qpairs == {}
     qps = [c.create_io_qpair(8) for _ in range(c.num_io_queues)]     # every queue is still there
@@ -153,8 +154,10 @@ def test_failed_channel_setups_through_the_bdev_leak_no_queue():
         # after the queues exist (the timeout forced past the checks): the bug's own path
         object.__setattr__(nc.ctrlr.options, "io_timeout_s", math.nan)
         for _ in range(10):
-            with pytest.raises(InvalidArgument, match="timeout"):
+            with pytest.raises(Exception) as ei:
                 desc.get_io_channel()
+            assert queues_in_use(emu) == ([], []), ei.value
+            assert isinstance(ei.value, InvalidArgument) and "timeout" in str(ei.value)
         object.__setattr__(nc.ctrlr.options, "io_timeout_s", 0)
         assert queues_in_use(emu) == ([], []) and nc.channel_count == 0
         ch = desc.get_io_channel()
@@ -234,10 +237,24 @@ def _non_nvme_function():
     return None
 
 
-def test_nvme_attach_refuses_a_function_that_is_not_nvme():
+def test_nvme_attach_refuses_a_function_that_is_not_nvme(monkeypatch):
     """On this machine's real sysfs: the class is read before anything else, so no privilege
-    is needed to be refused (and nothing is unbound)."""
+    is needed to be refused (and nothing is unbound). Every step that could change the
+    machine (module loading, sysfs writes, bind, unbind) is replaced by a failure first, so a
+    regression fails here without touching a real device."""
     import nvme
+    import env.device
+    import env.pci
+
+    def forbidden(*args, **kw):
+        raise AssertionError(f"attach went past the class check: {args!r}")
+
+    monkeypatch.setattr(env.device, "load_driver", forbidden)
+    monkeypatch.setattr(env.device, "require_hugepages", forbidden)
+    monkeypatch.setattr(env.pci.Sysfs, "write", forbidden)
+    monkeypatch.setattr(env.pci.Sysfs, "modprobe", forbidden)
+    for step in ("bind", "unbind", "restore"):
+        monkeypatch.setattr(env.pci.PciDevice, step, forbidden)
     found = _non_nvme_function()
     if found is None:
         pytest.skip(reason="no PCI function other than NVMe in /sys/bus/pci/devices")
