@@ -71,6 +71,9 @@ cdef extern from "<linux/magic.h>":
     enum:
         HUGETLBFS_MAGIC
 
+# (an unsigned C value: Cython would hand the enum to Python as a negative int)
+cdef unsigned int _HUGETLBFS_TYPE = <unsigned int> HUGETLBFS_MAGIC
+
 
 def _filesystem_type(int fd):
     """The f_type of the file system holding `fd` (fstatfs)."""
@@ -242,7 +245,7 @@ def _mmap_hugetlbfs(size_t size, keep, path=None):
             os.ftruncate(fd, size)
         else:
             fs = _filesystem_type(fd)
-            if fs != HUGETLBFS_MAGIC:
+            if fs != _HUGETLBFS_TYPE:
                 # a file elsewhere is page cache: its physical pages move and are written back,
                 # so registering it as hugepage memory would give devices stale addresses
                 raise InvalidArgument(
