@@ -83,6 +83,7 @@ def _filesystem_type(int fd):
         raise OSError(e, os.strerror(e))
     return <unsigned long> st.f_type & 0xFFFFFFFF
 
+
 cdef enum:
     PAGE = 4096
 cdef char* _FORMAT_BYTES = "B"     # buffer-protocol format of unsigned bytes

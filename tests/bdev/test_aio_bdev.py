@@ -550,7 +550,8 @@ def test_os_threads_that_end_without_put_release_their_channels(dio_dir, engine,
         assert _engine_contexts() == before
         assert sorted(c.done) == list(range(20))              # each in-flight read, once
         assert all(ok for ok, _ in c.done.values())
-        warnings = [r.getMessage() for r in caplog.records if "ended without put()" in r.getMessage()]
+        warnings = [r.getMessage() for r in caplog.records
+                    if "ended without put()" in r.getMessage()]
         assert len(warnings) == 20
         assert all("'AIOleak'" in w for w in warnings)
         assert sorted(int(w.split("leaver-")[1].split()[0]) for w in warnings) == list(range(20))

@@ -11,7 +11,6 @@
 - A PCI function that is not NVMe is refused before anything is unbound (see also
   tests/env/test_device.py for the fake-sysfs version).
 """
-import gc
 import math
 import os
 
