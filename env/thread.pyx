@@ -519,7 +519,9 @@ cdef void _note_bound(Thread th) except *:
 cdef inline void _want_reaper() except *:
     """Start the reaper, from a sound context, before an OS thread other than the main one
     could need it (the main thread's end is the interpreter's)."""
-    if _reaper[0] is None and threading.current_thread() is not threading.main_thread():
+    ot = _reaper[0]
+    if ((ot is None or not ot.is_alive())          # (a fork leaves the child without it)
+            and threading.current_thread() is not threading.main_thread()):
         _start_reaper()
 
 
