@@ -26,8 +26,11 @@ no libaio: raw system calls.
   bdev layer emulates Write Zeroes with writes. These calls are synchronous: they complete inside
   the submission (the layer delivers the completion from the poller).
 - Reset completes once every I/O this channel had in flight when it arrived has completed.
-- A failed or short transfer completes with IO_FAILED (the channel counts it and keeps the errno:
-  `ch.aio_stats()`); every accepted I/O completes exactly once.
+- A failed or short transfer completes with IO_FAILED and its errno in the I/O (`status.errno`,
+  and the IoError of the blocking helpers, with its strerror): the kernel's (EFBIG beyond
+  RLIMIT_FSIZE, ENOSPC, EIO...), ENODATA for a read that found the file shorter than the bdev
+  (truncated under it), EIO for a write the kernel did only in part without saying why. The
+  channel counts failures too (`ch.aio_stats()`). Every accepted I/O completes exactly once.
 - `engine="uring"` uses io_uring (raw io_uring_setup/io_uring_enter and mmap'ed rings) instead of
   AIO where the kernel allows it: one io_uring_enter per request, as AIO's io_submit (batching the
   submissions of a poll measured slower on our virtio test disk, 73K against 87-91K IOPS),
@@ -40,7 +43,8 @@ import logging
 import os
 import stat as _stat
 
-from libc.errno cimport EAGAIN, EBUSY, EINTR, EINVAL, EIO, ENOMEM, EOPNOTSUPP, EROFS
+from libc.errno cimport (EAGAIN, EBUSY, EINTR, EINVAL, EIO, ENODATA, ENOMEM, ENXIO, EOPNOTSUPP,
+                         EROFS)
 from libc.stdint cimport int16_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
@@ -586,10 +590,16 @@ cdef class AioChannel(BdevChannel):
             status = IO_FAILED
             self.failed += 1
             self.last_errno = <int> -res
+            io.error = <int> -res
         elif s.kind == SLOT_IO and <uint64_t> res != s.expect:
+            # a short transfer has no errno of its own: a read met the end of the file (it was
+            # truncated under the bdev), a write was cut short (the kernel says why only on the
+            # next write)
             status = IO_FAILED
             self.failed += 1
             self.short_transfers += 1
+            io.error = ENODATA if io.type == BDEV_IO_READ else EIO
+            self.last_errno = io.error
         if status == IO_SUCCESS and s.bounce != NULL and io.type == BDEV_IO_READ:
             src = s.bounce
             for i in range(io.iovcnt):
@@ -739,6 +749,7 @@ cdef class AioBdev(Bdev):
         cdef int rc
         cdef uint64_t off, length
         if self.fd < 0:
+            io.error = ENXIO                # the file was closed: the bdev is gone
             bdev_io_complete(io, IO_FAILED)
             return 0
         if io.type == BDEV_IO_READ:
@@ -770,6 +781,7 @@ cdef class AioBdev(Bdev):
         if rc != 0:
             ch.failed += 1
             ch.last_errno = -rc
+            io.error = -rc
         bdev_io_complete(io, IO_SUCCESS if rc == 0 else IO_FAILED)
         return 0
 
@@ -852,6 +864,7 @@ cdef class AioBdev(Bdev):
             return rc
         ch.failed += 1
         ch.last_errno = -rc
+        io.error = -rc
         bdev_io_complete(io, IO_FAILED)
         return 0
 
@@ -886,6 +899,7 @@ cdef class AioBdev(Bdev):
             if rc != -EINVAL and rc != -EOPNOTSUPP:
                 ch.failed += 1
                 ch.last_errno = -rc
+                io.error = -rc
                 bdev_io_complete(io, IO_FAILED)
                 return 0
             self.fdsync_async = False        # not for this file: fdatasync from now on
@@ -894,6 +908,7 @@ cdef class AioBdev(Bdev):
         if rc != 0:
             ch.failed += 1
             ch.last_errno = -rc
+            io.error = -rc
         bdev_io_complete(io, IO_SUCCESS if rc == 0 else IO_FAILED)
         return 0
 

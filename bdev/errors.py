@@ -3,6 +3,8 @@
 Submission-time problems raise at once (before anything reaches a device); a failed I/O reaches its
 completion callback as an `IoStatus`, and the blocking helpers raise `IoError` carrying it.
 """
+import os
+
 from env.errors import InvalidArgument, ResourceExhausted, UserblkError, WrongThreadError  # noqa: F401
 
 
@@ -44,8 +46,11 @@ class UnsupportedIoType(BdevError, InvalidArgument):
 
 
 class IoError(BdevError):
-    """A blocking I/O helper saw its I/O fail; `status` is the IoStatus the callback got."""
+    """A blocking I/O helper saw its I/O fail; `status` is the IoStatus the callback got.
+    `errno` and `strerror` repeat the status's errno (0 and None when the failure had none)."""
 
     def __init__(self, message, status=None, bdev=None):
         super().__init__(message, bdev)
         self.status = status
+        self.errno = getattr(status, "errno", 0) or 0
+        self.strerror = os.strerror(self.errno) if self.errno else None

@@ -200,6 +200,13 @@ cdef class NvmeController(IoDevice):
         if q.qpair is not None:
             self._delete_qpair(q.qpair)
 
+    def channel_moved(self, IoChannel channel):
+        # the thread's OS thread ended and another one releases the channel: the queue pair
+        # (which checks its OS thread) goes with it, so that its commands drain there
+        cdef _QpairChannel q = <_QpairChannel> channel
+        if q.qpair is not None:
+            q.qpair.bind_to_current_thread()
+
     def _delete_qpair(self, qp):
         c = self.ctrlr
         try:
@@ -816,6 +823,13 @@ def attach_emulated(name, emu, *, options=None, io_queue_size=None, io_queue_req
         ctrlr = emu
         if ctrlr.state != "ready":
             raise InvalidArgument(f"controller {ctrlr.name} is {ctrlr.state}, not ready")
+        with _lock:
+            for other in _controllers.values():
+                if (<NvmeController> other).ctrlr is ctrlr:
+                    from nvme.errors import AlreadyAttached
+                    raise AlreadyAttached(f"controller {ctrlr.name} is already attached as "
+                                          f"{other.name}; detach_controller({other.name!r}) "
+                                          "first", name, owner=other.name)
         handle = getattr(ctrlr.transport, "handle", None)
         trid = ({"trtype": "PCIe", "traddr": str(handle.address)} if handle is not None
                 else {"trtype": TRTYPE_EMULATED, "traddr": ctrlr.transport.name})

@@ -7,6 +7,8 @@ with the same interface on both paths. `detach()` undoes it all and hands the de
 kernel driver (e.g. `nvme`). `probe_pci()` lists the candidate devices with their drivers.
 """
 import logging
+import threading
+import weakref
 
 from env.errors import EnvError, InvalidArgument, PciError
 from env.pci import (NVME_CLASS, USERSPACE_DRIVERS, PciAddress, PciDevice, enumerate_devices,
@@ -22,6 +24,41 @@ _DRIVER_CHOICES = {"auto": "auto", "vfio": "vfio", "vfio-pci": "vfio", "uio": "u
                    UIO_DRIVER: "uio"}
 _NOIOMMU_PARAM = "module/vfio/parameters/enable_unsafe_noiommu_mode"
 
+# The PCI functions this process has attached (sysfs path -> AttachedDevice, weakly), and those
+# being attached now: one owner per function in a process. A second attach would open the same
+# vfio device (or uio resources) again, and a second driver would reset the device under the first.
+_attached = {}
+_attaching = set()
+_attached_lock = threading.Lock()
+
+
+def _claim(pci):
+    key = pci.attr_path("")
+    with _attached_lock:
+        ref = _attached.get(key)
+        other = ref() if ref is not None else None
+        if key in _attaching or (other is not None and not other.detached):
+            how = f" through {other.kind}" if other is not None else " (attach under way)"
+            raise PciError(f"{pci.address} is already attached in this process{how}: one "
+                           "driver per device; detach it first", address=pci.address)
+        _attached.pop(key, None)
+        _attaching.add(key)
+    return key
+
+
+def _claimed(key, dev):
+    with _attached_lock:
+        _attaching.discard(key)
+        if dev is not None:
+            _attached[key] = weakref.ref(dev)
+
+
+def _unclaim(key, dev):
+    with _attached_lock:
+        ref = _attached.get(key)
+        if ref is not None and ref() in (dev, None):
+            del _attached[key]
+
 
 class AttachedDevice:
     """A PCI function owned by this process through vfio or uio.
@@ -35,6 +72,7 @@ class AttachedDevice:
         self.address = pci.address
         self._restore_to = restore_to      # give the device back to the kernel on detach?
         self.detached = False
+        self._claim_key = None             # set by attach_pci: released on detach
 
     def _live(self):
         if self.detached:
@@ -63,10 +101,15 @@ class AttachedDevice:
         Idempotent. Returns the driver bound afterwards."""
         if not self.detached:
             self.detached = True
-            self.backend.close()
-            if restore_driver and self._restore_to:
-                self.pci.restore()
-                log.info("%s: detached, back to %s", self.address, self.pci.driver or "no driver")
+            try:
+                self.backend.close()
+                if restore_driver and self._restore_to:
+                    self.pci.restore()
+                    log.info("%s: detached, back to %s", self.address,
+                             self.pci.driver or "no driver")
+            finally:
+                if self._claim_key is not None:
+                    _unclaim(self._claim_key, self)
         return self.pci.driver
 
     def __enter__(self):
@@ -123,18 +166,49 @@ def _choose(pci, driver):
     return kind
 
 
+_CLASS_NAMES = {0x010802: "NVMe", 0x010601: "SATA AHCI", 0x010000: "SCSI", 0x020000: "Ethernet",
+                0x030000: "VGA display", 0x060000: "host bridge", 0x060100: "ISA bridge",
+                0x060400: "PCI bridge"}
+
+
+def _class_text(code):
+    """`01 08 02 (NVMe)`: base class, subclass, programming interface, and a name if known."""
+    name = _CLASS_NAMES.get(code)
+    text = f"{code >> 16:02x} {(code >> 8) & 0xFF:02x} {code & 0xFF:02x}"
+    return f"{text} ({name})" if name else text
+
+
 def attach_pci(address, driver="auto", *, root="/sys", vfio_dir="/dev/vfio", memmap=None,
-               hugepages="/sys/kernel/mm/hugepages", bus_master=True, force=False):
+               hugepages="/sys/kernel/mm/hugepages", bus_master=True, force=False,
+               class_code=None):
     """Take the PCI function at `address` (a PciAddress, `0000:00:10.0`, `00:10.0` or an SPDK
     transport ID string) for this process and return an AttachedDevice.
 
     `driver`: "auto" (vfio-pci when the device has an IOMMU group or vfio runs in no-IOMMU mode,
     else uio_pci_generic), "vfio" or "uio". Kernel modules are loaded as needed. A device whose
-    kernel driver is in use (a mounted namespace, say) is refused unless `force`. On any failure
-    the device goes back to the driver it had."""
+    kernel driver is in use (a mounted namespace, say) is refused unless `force`. With
+    `class_code` (24 bits, e.g. NVME_CLASS) a function of another class is refused before
+    anything is unbound or bound. A function this process has attached already (and not detached)
+    is refused. On any failure the device goes back to the driver it had."""
     if isinstance(address, str) and "traddr" in address.lower():
         address = parse_trid(address)
     pci = PciDevice(PciAddress.parse(address), root)
+    if class_code is not None and pci.class_code != class_code:
+        raise PciError(f"{pci.address} has PCI class {_class_text(pci.class_code)}, not "
+                       f"{_class_text(class_code)}: refused before anything was unbound or "
+                       "bound", address=pci.address)
+    key = _claim(pci)
+    dev = None
+    try:
+        dev = _attach(pci, driver, vfio_dir=vfio_dir, memmap=memmap,
+                      hugepages=hugepages, bus_master=bus_master, force=force)
+        dev._claim_key = key
+    finally:
+        _claimed(key, dev)
+    return dev
+
+
+def _attach(pci, driver, *, vfio_dir, memmap, hugepages, bus_master, force):
     kind = _choose(pci, driver)
     current = pci.driver
     target = VFIO_DRIVER if kind == "vfio" else UIO_DRIVER

@@ -62,6 +62,28 @@ cdef extern from "<linux/mman.h>":
 cdef extern from "<string.h>" nogil:
     char* strerror(int errnum)
 
+cdef extern from "<sys/vfs.h>" nogil:
+    cdef struct statfs_t "statfs":
+        long f_type
+    int fstatfs(int fd, statfs_t* buf)
+
+cdef extern from "<linux/magic.h>":
+    enum:
+        HUGETLBFS_MAGIC
+
+# (an unsigned C value: Cython would hand the enum to Python as a negative int)
+cdef unsigned int _HUGETLBFS_TYPE = <unsigned int> HUGETLBFS_MAGIC
+
+
+def _filesystem_type(int fd):
+    """The f_type of the file system holding `fd` (fstatfs)."""
+    cdef statfs_t st
+    if fstatfs(fd, &st) != 0:
+        e = errno
+        raise OSError(e, os.strerror(e))
+    return <unsigned long> st.f_type & 0xFFFFFFFF
+
+
 cdef enum:
     PAGE = 4096
 cdef char* _FORMAT_BYTES = "B"     # buffer-protocol format of unsigned bytes
@@ -214,10 +236,23 @@ def _mmap_hugetlbfs(size_t size, keep, path=None):
         path = os.path.join(mount, f"userblk.{os.getpid()}.{_file_counter}")
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     else:
-        fd = os.open(path, os.O_RDWR)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise InvalidArgument(f"cannot open shared DMA buffer {path}: "
+                                  f"{e.strerror or e}") from None
     try:
         if create:
             os.ftruncate(fd, size)
+        else:
+            fs = _filesystem_type(fd)
+            if fs != _HUGETLBFS_TYPE:
+                # a file elsewhere is page cache: its physical pages move and are written back,
+                # so registering it as hugepage memory would give devices stale addresses
+                raise InvalidArgument(
+                    f"{path} is not on hugetlbfs (its file system type is 0x{fs:x}): "
+                    "open_shared maps only the hugetlbfs files of allocate(..., shared=True), "
+                    "whose pages stay put for DMA")
         p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)
         if p == MAP_FAILED:
             e, msg = _oserror(f"mmap of {size >> 20} MiB from hugetlbfs file {path}")
@@ -578,8 +613,17 @@ def allocate(size, align=PAGE, *, zero=False, backend="auto", shared=False):
 
 
 def open_shared(path):
-    """Map a hugetlbfs file that another process allocated with `allocate(..., shared=True)`."""
-    size = os.stat(path).st_size
+    """Map a hugetlbfs file that another process allocated with `allocate(..., shared=True)`.
+
+    Only a file on hugetlbfs is taken: its memory is hugepages, which stay at their physical
+    address, so devices may DMA to it with or without an IOMMU. A file anywhere else is refused
+    (InvalidArgument) rather than mapped as something less: page-cache pages move and are
+    written back, and no caller of open_shared wants that for a DMA buffer it shares."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise InvalidArgument(f"cannot open shared DMA buffer {path}: "
+                              f"{e.strerror or e}") from None
     if size <= 0 or size % SIZE_2MB:
         raise InvalidArgument(f"{path} is not a userblk shared DMA buffer (size {size})")
     heap = _heaps["hugetlbfs"]

@@ -44,6 +44,7 @@ live channels is deferred until the last one is put, as in SPDK.
 import errno as _errno
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -447,31 +448,163 @@ def _caller_desc():
     return who
 
 
+# ---- the end of an OS thread ---------------------------------------------------------------------
+# An OS thread's Python state ends with its threading.local data, and with it the
+# _OsThreadBindings below: that is our exit hook. It runs while CPython clears the thread's state
+# (PyThreadState_Clear), with the GIL but with the thread half torn down: threading no longer knows
+# the thread (threading.current_thread() would invent a dummy), and Python code, logging, I/O
+# completion callbacks or a 30 s drain must not run there. So the hook only unbinds the Threads
+# (atomics) and hands them, with a C-level SimpleQueue.put, to the reaper: one daemon OS thread,
+# started (in a sound context) when an OS thread other than the main one first makes an app thread
+# or a channel. The
+# reaper adopts an app thread (binds it), tells the devices of its channels that they moved
+# (IoDevice.channel_moved: an NVMe queue pair belongs to an OS thread), logs one warning naming the
+# leaked channels, and exit()s and destroy()s it: I/O in flight completes (or fails) once, there,
+# and every channel is put. Threads bound with bind() stay their creator's: the reaper only warns
+# when they hold channels (destroy() releases them).
+_orphans = queue.SimpleQueue()       # (Thread, OS thread name, is the app thread) from the hook
+cdef unsigned long _orphans_queued = 0   # under the GIL
+_reaped = threading.Condition()
+_reaped_count = [0]
+_reaper = [None]
+_reaper_lock = threading.Lock()
+
+
 cdef class _OsThreadBindings:
     """Lives in the threading.local of an OS thread; when the OS thread ends it unbinds the
-    Threads still bound there, so their owner id is not inherited by a later OS thread."""
+    Threads still bound there, so their owner id is not inherited by a later OS thread, and
+    hands those that hold channels (or, its app thread, unprocessed messages) to the reaper."""
     cdef unsigned long tid
     cdef list threads
+    cdef Thread app               # the Thread current_thread() made for this OS thread
+    cdef str os_name              # the OS thread's name, taken while it was alive
 
     def __cinit__(self):
         self.tid = os_thread_id()
         self.threads = []
+        self.os_name = _os_thread_name()
 
     def __dealloc__(self):
+        global _orphans_queued
         cdef Thread th
         for ref in self.threads:
             th = ref()
-            if th is not None:
-                atomic_cas_ulong(&th.t.owner, self.tid, 0)
+            if th is None:
+                continue
+            if not atomic_cas_ulong(&th.t.owner, self.tid, 0):
+                continue              # not bound here (any more)
+            if th.t.state == THREAD_DESTROYED:
+                continue
+            if not th._channels and not (th is self.app and ring_pending(th.t.ring)):
+                continue              # nothing to release: unbound, it goes with its references
+            try:
+                _orphans.put((th, self.os_name, th is self.app))
+                _orphans_queued += 1
+            except BaseException:
+                pass                  # the interpreter is finalizing: nothing to hand over to
+        self.app = None
         if tls_get() != NULL and os_thread_id() == self.tid:
             tls_set(NULL)
 
 
 cdef void _note_bound(Thread th) except *:
-    b = getattr(_tls, "bindings", None)
+    cdef _OsThreadBindings b = getattr(_tls, "bindings", None)
     if b is None:
         b = _tls.bindings = _OsThreadBindings()
-    (<_OsThreadBindings> b).threads.append(weakref.ref(th))
+    if len(b.threads) >= 64:         # a long-lived OS thread that binds many Threads in turn
+        b.threads = [r for r in b.threads if r() is not None]
+    b.threads.append(weakref.ref(th))
+
+
+cdef inline void _want_reaper() except *:
+    """Start the reaper, from a sound context, before an OS thread other than the main one
+    could need it (the main thread's end is the interpreter's)."""
+    ot = _reaper[0]
+    if ((ot is None or not ot.is_alive())          # (a fork leaves the child without it)
+            and threading.current_thread() is not threading.main_thread()):
+        _start_reaper()
+
+
+def _start_reaper():
+    with _reaper_lock:
+        ot = _reaper[0]
+        if ot is None or not ot.is_alive():
+            ot = threading.Thread(target=_reap_loop, name="userblk-reaper", daemon=True)
+            ot.start()
+            _reaper[0] = ot
+
+
+def _reap_loop():
+    while True:
+        item = _orphans.get()
+        if item is None:
+            return
+        try:
+            _release_orphan(*item)
+        except BaseException:
+            log.exception("releasing the thread of an ended OS thread failed")
+        finally:
+            item = None
+            with _reaped:
+                _reaped_count[0] += 1
+                _reaped.notify_all()
+
+
+def _release_orphan(Thread th, str os_name, bint app):
+    """On the reaper: release what the ended OS thread `os_name` left in `th`."""
+    held = [ch for ch in th._channels.values() if not (<IoChannel> ch)._released]
+    names = ", ".join(f"{(<IoChannel> ch).device.name!r}" for ch in held)
+    if not app:
+        if held:
+            log.warning("OS thread %s ended while thread %r, bound to it, held I/O channel(s) of "
+                        "%s; it is unbound now: destroy() it (or bind() it elsewhere) to release "
+                        "them", os_name, th.name, names)
+        return
+    try:
+        th.bind()
+    except ThreadError:
+        return                        # destroyed meanwhile, or taken over by its user: theirs
+    try:
+        if held:
+            log.warning("OS thread %s ended without put() on %d I/O channel(s) of its thread %r "
+                        "(device(s) %s): releasing them; I/O still in flight completes here",
+                        os_name, len(held), th.name, names)
+        for ch in held:
+            try:
+                (<IoChannel> ch).device.channel_moved(ch)
+            except Exception:
+                log.exception("channel_moved of I/O device %r failed", (<IoChannel> ch).device.name)
+        th.exit()
+        th._destroy(False)
+    finally:
+        if th.os_thread == threading.get_ident() and th.t.state != THREAD_DESTROYED:
+            th.unbind()
+
+
+def wait_ended_threads(timeout=DEFAULT_TIMEOUT):
+    """Wait until the app threads of OS threads that have ended are released (their channels put,
+    their I/O completed; see `current_thread`). True when done within `timeout` seconds. Join
+    an OS thread first: its end is handed over when it is joined."""
+    want = _orphans_queued
+    if want > _reaped_count[0]:
+        _start_reaper()               # (a fork loses it)
+    deadline = time.monotonic() + timeout
+    with _reaped:
+        while _reaped_count[0] < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _reaped.wait(left)
+    return True
+
+
+@atexit.register
+def _stop_reaper():
+    # nothing may be released (or polled without the GIL) while the interpreter finalizes
+    ot = _reaper[0]
+    if ot is not None and ot.is_alive():
+        _orphans.put(None)
+        ot.join(5)
 
 
 cdef void _bound_from_c(thread_s* t) noexcept with gil:
@@ -859,6 +992,9 @@ cdef class Thread:
     def destroy(self):
         """Free an exited (or exiting) thread: run the messages still queued, release channels
         still held (with a warning: they leaked) and unbind it. Owner OS thread only."""
+        self._destroy(True)
+
+    def _destroy(self, bint warn):
         cdef int rc
         self._check_owner("destroy")
         if self.t.state == THREAD_DESTROYED:
@@ -879,8 +1015,9 @@ cdef class Thread:
                 for ch in list(self._channels.values()):
                     if (<IoChannel> ch)._released:
                         continue    # put meanwhile by an upper channel that held it
-                    log.warning("thread %r destroyed with %r still held (%d reference(s)): "
-                                "releasing it", self.name, ch, (<IoChannel> ch)._refs)
+                    if warn:
+                        log.warning("thread %r destroyed with %r still held (%d reference(s)): "
+                                    "releasing it", self.name, ch, (<IoChannel> ch)._refs)
                     (<IoChannel> ch)._refs = 1
                     ch.put()
             finally:
@@ -956,13 +1093,21 @@ cdef uint64_t _check_period(value) except? 0xFFFFFFFFFFFFFFFF:
 
 def current_thread():
     """The Thread current on the calling OS thread: the one polling, else the one bound with
-    bind(); if there is none, a new "app thread" is created and bound (it is released when the
-    OS thread ends). Poll it (e.g. run_until) to run what is sent to it."""
+    bind(); if there is none, a new "app thread" is created and bound. Poll it (e.g. run_until)
+    to run what is sent to it.
+
+    The app thread is released when its OS thread ends: channels still held then are put (with
+    a warning naming them: each thread should put() its channels before it ends), I/O in flight
+    completes or fails exactly once, and the Thread is destroyed. That happens on a helper OS
+    thread ("userblk-reaper") shortly after the end; `wait_ended_threads()` waits for it."""
     cdef thread_s* cur = current_thread_ptr()
+    cdef Thread th
     if cur != NULL:
         return <Thread> cur.obj
     th = Thread(f"app:{threading.current_thread().name}")
     th.bind()
+    (<_OsThreadBindings> _tls.bindings).app = th
+    _want_reaper()
     return th
 
 
@@ -1074,6 +1219,12 @@ cdef class IoDevice:
 
     def destroy_channel_ctx(self, IoChannel channel):
         pass
+
+    def channel_moved(self, IoChannel channel):
+        """Called on the channel's thread when its Thread now runs on another OS thread (the
+        one it was bound to ended, see `current_thread`), before the channel is released there.
+        A device whose per-thread state belongs to an OS thread (an NVMe queue pair) hands it
+        over here."""
 
     def get_io_channel(self):
         """The calling thread's channel for this device (see module get_io_channel)."""
@@ -1228,6 +1379,7 @@ def get_io_channel(IoDevice device):
         ch._released = True
         ch._refs = 0
         raise
+    _want_reaper()
     return ch
 
 

@@ -21,14 +21,17 @@ def probe(root="/sys"):
 
 def attach(trid, options=None, *, driver="auto", name=None):
     """Take the NVMe controller at `trid` (a PCI address or an SPDK transport id string) from its
-    kernel driver and bring it up. `driver`: "auto", "vfio" or "uio"."""
+    kernel driver and bring it up. `driver`: "auto", "vfio" or "uio". A PCI function whose class
+    is not NVMe (01 08 02), or one this process has attached already, is refused (PciError)
+    before anything is unbound or bound."""
     from env.device import attach_pci
-    from env.pci import PciAddress, parse_trid
+    from env.pci import NVME_CLASS, PciAddress, parse_trid
     from nvme.controller import Controller
     from nvme.transport import PcieTransport
 
     address = parse_trid(trid) if "traddr" in str(trid) else PciAddress.parse(trid)
-    handle = attach_pci(address, driver=driver)
+    # a function of another class (a NIC, a bridge) is refused before it is unbound from anything
+    handle = attach_pci(address, driver=driver, class_code=NVME_CLASS)
     try:
         ctrlr = Controller(PcieTransport(handle), options, name=name or str(address))
         return ctrlr.init()

@@ -14,6 +14,7 @@ reset: every queue pair is disconnected (its outstanding commands complete with 
 DELETION, exactly once, on their owner threads) and re-created on the re-initialised controller.
 """
 import logging
+import math
 import threading
 import time
 import weakref
@@ -23,9 +24,10 @@ import attrs
 from env.errors import InvalidArgument
 from env import memory
 from nvme import identify as _identify
-from nvme.errors import CommandError, CommandTimeout, ControllerDetached, ControllerError
+from nvme.errors import (AlreadyAttached, CommandError, CommandTimeout, ControllerDetached,
+                         ControllerError, InvalidOption)
 from nvme.namespace import Namespace
-from nvme.qpair import Completion, QueuePair
+from nvme.qpair import Completion, QueuePair, trackers_for
 from nvme.status import NvmeStatus
 from nvme.transport import Transport
 
@@ -51,20 +53,77 @@ MAX_TRANSFER_CAP = 2 << 20          # one PRP list page's worth (the queue pair 
 PAGE = 4096
 
 
+MAX_TIMEOUT_S = 1e6                 # about 11.5 days: beyond, a "timeout" is a typo
+
+
+# Validators of ControllerOptions. attrs runs them when the options are made and whenever a
+# field is set, so a bad value fails where it was written, with the field's name, and never later
+# in a queue pair's creation (where a failure once cost an I/O queue each time).
+def _int_range(lo, hi):
+    def check(_, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise InvalidOption(attribute.name, value, f"an int from {lo} to {hi}")
+    return check
+
+
+def _optional(check):
+    def optional(inst, attribute, value):
+        if value is not None:
+            check(inst, attribute, value)
+    return optional
+
+
+def _seconds(*, zero_ok):
+    def check(_, attribute, value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0)
+                or value > MAX_TIMEOUT_S):
+            raise InvalidOption(attribute.name, value,
+                                f"a number of seconds {'>= 0' if zero_ok else '> 0'} and at most "
+                                f"{MAX_TIMEOUT_S:g}" + (" (0 turns it off)" if zero_ok else ""))
+    return check
+
+
+def _is_bool(_, attribute, value):
+    if not isinstance(value, bool):
+        raise InvalidOption(attribute.name, value, "True or False")
+
+
+def _one_of(*choices):
+    def check(_, attribute, value):
+        if not isinstance(value, str) or value not in choices:
+            raise InvalidOption(attribute.name, value, "one of " + ", ".join(map(repr, choices)))
+    return check
+
+
 @attrs.define
 class ControllerOptions:
-    """How to bring a controller up (names follow SPDK's spdk_nvme_ctrlr_opts where they exist)."""
-    admin_queue_size: int = 32
-    io_queue_size: int = 1024            # capped at CAP.MQES + 1
-    io_queue_requests: int | None = None
-    num_io_queues: int = 64              # asked for in Set Features - Number of Queues
-    shadow_doorbells: bool = True        # Doorbell Buffer Config when OACS says it is supported
-    sgl: str = "auto"                    # "never", "auto" (when PRPs cannot express a payload), "always"
-    admin_timeout_s: float = 10.0
-    io_timeout_s: float = 30.0           # 0 disables I/O timeouts
-    abort_timeout_s: float | None = None  # how long after Abort before reset (default: io_timeout)
-    aer_count: int = 4                   # Asynchronous Event Requests kept outstanding (<= AERL+1)
-    async_event_config: int = 0xFF       # critical warnings reported through AERs
+    """How to bring a controller up (names follow SPDK's spdk_nvme_ctrlr_opts where they exist).
+    Every field is checked when the options are made and when it is set: a bad value raises
+    `nvme.errors.InvalidOption` naming the field."""
+    admin_queue_size: int = attrs.field(default=32, validator=_int_range(2, 4096))
+    # capped at CAP.MQES + 1
+    io_queue_size: int = attrs.field(default=1024, validator=_int_range(2, 65536))
+    # requests (commands, and the parents of split ones) per I/O queue pair; None: twice the
+    # queue size, at least 512. At least the commands the queue keeps in flight (checked at attach)
+    io_queue_requests: int | None = attrs.field(default=None,
+                                                validator=_optional(_int_range(1, 1 << 20)))
+    # asked for in Set Features - Number of Queues
+    num_io_queues: int = attrs.field(default=64, validator=_int_range(1, 65535))
+    # Doorbell Buffer Config when OACS says it is supported
+    shadow_doorbells: bool = attrs.field(default=True, validator=_is_bool)
+    # "never", "auto" (when PRPs cannot express a payload), "always"
+    sgl: str = attrs.field(default="auto", validator=_one_of("never", "auto", "always"))
+    admin_timeout_s: float = attrs.field(default=10.0, validator=_seconds(zero_ok=False))
+    # 0 disables I/O timeouts
+    io_timeout_s: float = attrs.field(default=30.0, validator=_seconds(zero_ok=True))
+    # how long after Abort before reset (None: io_timeout_s)
+    abort_timeout_s: float | None = attrs.field(default=None,
+                                                validator=_optional(_seconds(zero_ok=False)))
+    # Asynchronous Event Requests kept outstanding (<= AERL+1)
+    aer_count: int = attrs.field(default=4, validator=_int_range(0, 256))
+    # critical warnings reported through AERs (Set Features 0Bh, CDW11)
+    async_event_config: int = attrs.field(default=0xFF, validator=_int_range(0, 0xFFFFFFFF))
 
 
 @attrs.define
@@ -86,8 +145,15 @@ class Controller:
     def __init__(self, transport, options=None, *, name=None):
         if not isinstance(transport, Transport):
             raise InvalidArgument(f"transport must be an nvme.transport.Transport, not {transport!r}")
+        if options is None:
+            options = ControllerOptions()
+        elif not isinstance(options, ControllerOptions):
+            raise InvalidArgument(f"options must be an nvme.controller.ControllerOptions, not "
+                                  f"{options!r}")
+        else:
+            attrs.validate(options)      # (fields set past the validators, object.__setattr__)
         self.transport = transport
-        self.options = options or ControllerOptions()
+        self.options = options
         self.name = name or transport.name
         self.admin_lock = threading.RLock()
         self.admin_qpair = None
@@ -137,7 +203,35 @@ class Controller:
 
     # ---- bring-up -----------------------------------------------------------------------------
     def init(self):
-        """Bring the controller up (Base spec 3.5.1). Returns self."""
+        """Bring the controller up (Base spec 3.5.1). Returns self. A controller another
+        Controller of this process drives (and has not detached) is refused: AlreadyAttached."""
+        first = self.state == "new"
+        self._claim_transport()
+        try:
+            return self._init()
+        except BaseException:
+            if first:
+                self.state = "new"
+                self._release_transport()
+            raise
+
+    def _claim_transport(self):
+        """Make this Controller the transport's one driver. A second driver would disable and
+        re-initialise the controller under the first, whose commands then time out."""
+        t = self.transport
+        other = t.owner_ref() if t.owner_ref is not None else None
+        if other is not None and other is not self and other.state != "detached":
+            raise AlreadyAttached(
+                f"{t.name} is already attached as {other.name} ({other.state}) in this process; "
+                f"detach {other.name} first", self.name, owner=other.name)
+        t.owner_ref = weakref.ref(self)
+
+    def _release_transport(self):
+        t = self.transport
+        if t.owner_ref is not None and t.owner_ref() is self:
+            t.owner_ref = None
+
+    def _init(self):
         t = self.transport
         self.cap = t.read64(CAP)
         self.vs = t.read32(VS)
@@ -149,8 +243,13 @@ class Controller:
                                   f"command set (CAP.CSS=0x{(self.cap >> 37) & 0xFF:x})")
         if (self.cap >> 48) & 0xF > 0:
             raise ControllerError(f"{self.name}: CAP.MPSMIN is above 4 KiB; unsupported")
-        self._disable()
         opts = self.options
+        io_size = min(opts.io_queue_size, self.mqes, 65536)
+        if opts.io_queue_requests is not None and opts.io_queue_requests < trackers_for(io_size):
+            raise InvalidOption("io_queue_requests", opts.io_queue_requests,
+                                f"at least {trackers_for(io_size)}, the commands an I/O queue of "
+                                f"{io_size} entries keeps in flight, or None")
+        self._disable()
         asize = max(2, min(opts.admin_queue_size, self.mqes, 4096))
         if self.admin_qpair is None:
             self.admin_qpair = QueuePair(t, 0, asize, check_owner=False,
@@ -399,24 +498,36 @@ class Controller:
             if not self._free_qids:
                 raise ControllerError(f"{self.name}: all {self.num_io_queues} I/O queues are in "
                                       "use")
+            # From here every failure gives the queue id back, and deletes whatever the
+            # controller already created for it: an error path must never cost a queue.
             qid = self._free_qids.pop()
+            qp = None
+            created = False
             try:
                 qp = QueuePair(self.transport, qid, size,
                                nrequests=requests or self.options.io_queue_requests,
                                max_transfer=self.max_transfer,
                                sgl=(sgl or self.options.sgl) if self.sgl_supported else "never")
                 self._create_queues(qp)
+                created = True
+                qp.set_controller(weakref.ref(self))
+                qp.set_disconnect_handler(self._qpair_drained)
+                if self.options.io_timeout_s:
+                    qp.set_timeout(self.options.io_timeout_s * 1e6, self._io_timed_out)
+                self.qpairs[qid] = qp
             except BaseException:
+                if created:
+                    self._delete_queues(qid)
+                if qp is not None:
+                    qp.set_disconnect_handler(None)
+                    qp.destroy()
                 self._free_qids.append(qid)
                 raise
-            qp.set_controller(weakref.ref(self))
-            qp.set_disconnect_handler(self._qpair_drained)
-            if self.options.io_timeout_s:
-                qp.set_timeout(self.options.io_timeout_s * 1e6, self._io_timed_out)
-            self.qpairs[qid] = qp
             return qp
 
     def _create_queues(self, qp):
+        """Create the queue pair's CQ and SQ on the controller and enable it; on failure
+        nothing stays created."""
         qid, n = qp.qid, qp.entries
         # shadow doorbell slots of this queue id zeroed before the controller looks at them
         if self._dbbuf is not None:
@@ -425,14 +536,28 @@ class Controller:
             qp.set_shadow_doorbells(0, 0)
         # Create I/O CQ: physically contiguous (PC=1), interrupts off (IEN=0): we poll
         self.admin(OP_CREATE_CQ, prp=(qp.cq_iova, 0), cdw10=((n - 1) << 16) | qid, cdw11=0x1)
+        sq = False
         try:
             # Create I/O SQ bound to the CQ of the same id, PC=1, medium priority
             self.admin(OP_CREATE_SQ, prp=(qp.sq_iova, 0), cdw10=((n - 1) << 16) | qid,
                        cdw11=(qid << 16) | 0x1)
+            sq = True
+            qp.enable()
         except BaseException:
-            self.admin(OP_DELETE_CQ, cdw10=qid, check=False)
+            self._delete_queues(qid, sq=sq)
             raise
-        qp.enable()
+
+    def _delete_queues(self, qid, *, sq=True):
+        """Delete I/O queue `qid` (SQ, then CQ) on an error path: best effort, never raises."""
+        if self.state in ("detached", "failed"):
+            return
+        for opc in ((OP_DELETE_SQ, OP_DELETE_CQ) if sq else (OP_DELETE_CQ,)):
+            try:
+                self.admin(opc, cdw10=qid, check=False)
+            except Exception as e:
+                log.warning("%s: deleting queue %d after a failed creation: %s", self.name,
+                            qid, e)
+                return
 
     def delete_io_qpair(self, qp):
         """Delete the queues from the controller; commands still in flight complete with
@@ -562,6 +687,7 @@ class Controller:
             if shutdown and self.transport.read32(CSTS) != 0xFFFFFFFF:
                 self._shutdown()
             self.state = "detached"
+            self._release_transport()
             for ns in self.namespaces.values():
                 ns._detached = True
             if hasattr(self.transport, "handle"):

@@ -23,6 +23,10 @@ exceptions are raised by blocking calls and by bring-up.
 - `QueueFull`, `NoResources`: nothing is wrong, but there is no room now (a full submission queue,
   no free command identifier, queue identifier or request); try again after completions.
 - `DataFormatError`: data the controller returned (Identify, log page) is malformed.
+- `InvalidOption`: a `ControllerOptions` field holds a value the driver cannot use (also an
+  `InvalidArgument`); `option` names the field.
+- `AlreadyAttached`: the controller (an emulated one's transport, or a PCI function) is already
+  driven by another `Controller` of this process.
 """
 from env.errors import InvalidArgument, UserblkError
 from nvme.spec import opcode_name
@@ -229,3 +233,23 @@ class NoResources(NvmeError):
 class DataFormatError(NvmeError):
     """Data returned by the controller is malformed (a namespace descriptor with a wrong length,
     a log page shorter than its header says...)."""
+
+
+class InvalidOption(NvmeError, InvalidArgument):
+    """A controller option is out of its range or of the wrong type, found when the options are
+    made or changed (not later, at the first queue pair). `option` is the field's name, `value`
+    what it was given."""
+
+    def __init__(self, option, value, expected):
+        self.option = option
+        self.value = value
+        super().__init__(f"ControllerOptions.{option} must be {expected}, not {value!r}")
+
+
+class AlreadyAttached(NvmeError):
+    """The controller is already driven by a `Controller` of this process: two drivers over one
+    controller would re-initialise it under each other. `owner` names the one that has it."""
+
+    def __init__(self, message, controller=None, owner=None):
+        self.owner = owner
+        super().__init__(message, controller)

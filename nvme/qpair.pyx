@@ -218,6 +218,19 @@ cdef inline bint _start_child(QueuePair qp, nvme_request* parent, nvme_request* 
     return False
 
 
+MAX_TIMEOUT_US = 1e12              # what a command timeout may be at most (11.5 days)
+
+
+cdef inline uint32_t _default_cq_batch(uint32_t size) noexcept:
+    return min(32, size // 8)
+
+
+def trackers_for(uint32_t size):
+    """How many commands a queue pair of `size` entries keeps in flight by default (its
+    trackers): what its request pool must hold at least."""
+    return size - 1 - _default_cq_batch(size)
+
+
 cdef class QueuePair:
     """One submission/completion queue pair. Created by `nvme.Controller` (which also creates
     the queues on the controller); tests may build one over an emulated transport directly."""
@@ -235,7 +248,7 @@ cdef class QueuePair:
         # The CQ head doorbell may lag by `cq_batch` entries (fewer MMIO writes, each of which
         # traps into an emulated controller); the controller then sees that many fewer free CQ
         # slots, so that many fewer commands may be outstanding for the CQ never to fill.
-        self.cq_batch = min(32, size // 8) if cq_batch is None else cq_batch
+        self.cq_batch = _default_cq_batch(size) if cq_batch is None else cq_batch
         if self.cq_batch > size // 2:
             raise InvalidArgument(f"cq_batch {cq_batch} is more than half the queue")
         most = size - 1 - self.cq_batch
@@ -1307,8 +1320,11 @@ cdef class QueuePair:
     def set_timeout(self, timeout_us, handler=None):
         """Report commands outstanding for longer than `timeout_us` (0: off) to
         `handler(qpair, cid)`, once each, from `process_completions`."""
-        if timeout_us < 0:
-            raise InvalidArgument("timeout must be >= 0")
+        if (isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, float))
+                or not timeout_us >= 0 or timeout_us > MAX_TIMEOUT_US):
+            raise InvalidArgument(f"queue pair {self.qid}: the timeout is a number of "
+                                  f"microseconds from 0 (off) to {MAX_TIMEOUT_US:g}, not "
+                                  f"{timeout_us!r}")
         if handler is not None and not callable(handler):
             raise InvalidArgument("handler must be callable")
         self.timeout_ns = <uint64_t> (timeout_us * 1000)

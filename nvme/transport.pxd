@@ -9,6 +9,9 @@ cdef class Transport:
     cdef readonly uint32_t doorbell_stride  # bytes between doorbells: 4 << CAP.DSTRD
     cdef readonly bint traps              # True: register and doorbell writes must be announced
     cdef readonly str name                # what the controller is called in messages
+    # weakref to the nvme.controller.Controller driving this transport (None: none): one
+    # driver per controller in a process
+    cdef public object owner_ref
 
     cdef inline char* doorbell_addr(self, uint16_t qid, bint cq) noexcept nogil:
         return self.regs.base + 0x1000 + (2 * qid + cq) * self.doorbell_stride

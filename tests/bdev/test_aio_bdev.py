@@ -426,13 +426,16 @@ def test_reads_past_a_truncated_end_fail_with_a_status(make, dio_dir, engine):
     with pytest.raises(IoError) as ei:
         d.read_sync(ch, buf, 512 * KiB)                # wholly beyond: 0 bytes
     assert ei.value.status.kind == "failed" and ei.value.status.io_type == "read"
-    with pytest.raises(IoError):
+    assert ei.value.errno == ei.value.status.errno == errno.ENODATA
+    assert os.strerror(errno.ENODATA) in str(ei.value)
+    with pytest.raises(IoError) as ei:
         d.read_sync(ch, buf, 256 * KiB - 4096)        # straddles the end: short
+    assert ei.value.status.errno == errno.ENODATA
     c = Completions()
     d.read(ch, buf, 768 * KiB, cb=c.cb("async"))
     c.wait(ch, 1)
     ok, status = c.done["async"]
-    assert not ok and status.kind == "failed"
+    assert not ok and status.kind == "failed" and status.errno == errno.ENODATA
     d.read_sync(ch, buf, 0)                            # the part that is left still reads
     assert bytes(buf) == file_bytes(path, 0, 8192)
     st = ch.aio_stats()
@@ -460,12 +463,106 @@ def test_engine_errors_complete_with_failed(make, dio_dir, engine):
     buf = allocate(4096)
     with pytest.raises(IoError) as ei:
         o.desc.write_sync(o.ch, buf, 0)
-    assert ei.value.status.kind == "failed"
+    assert ei.value.status.kind == "failed" and ei.value.status.errno == errno.EBADF
+    assert ei.value.errno == errno.EBADF and ei.value.strerror == os.strerror(errno.EBADF)
     st = o.ch.aio_stats()
     assert st["failed"] == 1 and st["last_errno"] == errno.EBADF
     o.desc.read_sync(o.ch, buf, 0)
     assert bytes(buf) == file_bytes(path, 0, 4096)
     buf.free()
+
+
+def test_a_write_beyond_the_file_size_limit_fails_with_efbig(make, dio_dir, engine):
+    """RLIMIT_FSIZE below the write: the kernel fails it with EFBIG, and that errno reaches the
+    completion's status and the blocking helper's IoError (with "File too large"), not only the
+    channel's statistics."""
+    import resource
+    path = new_file(dio_dir, MiB)
+    o = make(path, engine=engine, block_size=4096)
+    buf = allocate(4096)
+    memoryview(buf)[:] = b"\xee" * 4096
+    c = Completions()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 * KiB, hard))
+    try:
+        with pytest.raises(IoError) as ei:
+            o.desc.write_sync(o.ch, buf, 768 * KiB)
+        o.desc.write(o.ch, buf, 640 * KiB, cb=c.cb("async"))
+        c.wait(o.ch, 1)
+        o.desc.write_sync(o.ch, buf, 0)                   # below the limit: fine
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    e = ei.value
+    assert e.status.kind == "failed" and e.status.errno == errno.EFBIG
+    assert e.errno == errno.EFBIG and e.strerror == os.strerror(errno.EFBIG)
+    assert os.strerror(errno.EFBIG) in str(e)
+    ok, status = c.done["async"]
+    assert not ok and status.errno == errno.EFBIG
+    assert o.ch.aio_stats()["last_errno"] == errno.EFBIG
+    assert file_bytes(path, 768 * KiB, 4096) != b"\xee" * 4096
+    assert file_bytes(path, 0, 4096) == b"\xee" * 4096
+    buf.free()
+
+
+def _engine_contexts():
+    """AIO contexts and io_uring instances of this process (its share of fs.aio-nr, and of
+    io_uring memory): their ring mappings in /proc/self/maps."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "[aio]" in line or "io_uring" in line)
+
+
+def test_os_threads_that_end_without_put_release_their_channels(dio_dir, engine, caplog):
+    """20 OS threads each take a channel (an AIO context of 128 slots, or an io_uring), leave a
+    read in flight and end without put(): each channel is released (the read completes once),
+    a warning names the bdev and the thread, no context is left, and neither the channels nor
+    their Threads stay alive."""
+    import gc
+    import threading
+    import weakref
+    from env.thread import wait_ended_threads
+    path = new_file(dio_dir, MiB)
+    aio.create("AIOleak", path, engine=engine, queue_depth=128)
+    desc = bdev.open_bdev("AIOleak", write=True)
+    c = Completions()
+    refs, errors = [], []
+    try:
+        before = _engine_contexts()
+        aio_nr = Path("/proc/sys/fs/aio-nr")
+        start_nr = int(aio_nr.read_text()) if aio_nr.exists() else None
+
+        def worker(i):
+            try:
+                ch = desc.get_io_channel()
+                buf = allocate(4096)
+                desc.read_sync(ch, buf, i * 4096)
+                desc.read(ch, allocate(64 * KiB), i * 4096, cb=c.cb(i))   # left in flight
+                refs.append((weakref.ref(ch), weakref.ref(ch.thread)))
+            except BaseException as e:
+                errors.append(e)
+
+        with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+            for i in range(20):
+                t = threading.Thread(target=worker, args=(i,), name=f"leaver-{i}")
+                t.start()
+                t.join(30)
+            assert wait_ended_threads(60)
+        assert errors == []
+        assert _engine_contexts() == before
+        assert sorted(c.done) == list(range(20))              # each in-flight read, once
+        assert all(ok for ok, _ in c.done.values())
+        warnings = [r.getMessage() for r in caplog.records
+                    if "ended without put()" in r.getMessage()]
+        assert len(warnings) == 20
+        assert all("'AIOleak'" in w for w in warnings)
+        assert sorted(int(w.split("leaver-")[1].split()[0]) for w in warnings) == list(range(20))
+        gc.collect()
+        assert [(a(), b()) for a, b in refs] == [(None, None)] * 20
+        if start_nr is not None and engine == "aio":
+            # machine-wide (other processes move it too): at least ours went back
+            assert int(aio_nr.read_text()) < start_nr + 20 * 128
+    finally:
+        desc.close()
+        aio.delete("AIOleak")
 
 
 def test_channel_put_with_io_in_flight_completes_everything(dio_dir, engine):

@@ -328,6 +328,33 @@ def test_injected_nvme_errors_reach_the_callback(nvme0):
     o.desc.read_sync(o.ch, bytearray(4096), 0)      # and the next I/O is fine
 
 
+def test_an_io_aborted_by_request_is_aborted(attach):
+    """A read the controller holds times out; the driver's Abort completes it with "Command
+    Abort Requested" (SCT 0, SC 07h): the bdev reports it as "aborted", the NVMe status kept,
+    and the I/Os beside it complete normally."""
+    from nvme.controller import ControllerOptions
+    nc, emu = attach("NvmeAb", options=ControllerOptions(io_timeout_s=0.1))
+    o = Open("NvmeAbn1")
+    try:
+        emu.hold(NvmOpcode.READ, count=1)
+        calls = Completions()
+        o.desc.read(o.ch, dma(bytes(4096)), 0, cb=calls.cb("held"))
+        o.desc.read(o.ch, dma(bytes(4096)), 8 * 512, cb=calls.cb("next"))
+        poll_until(lambda: len(calls) == 2)
+        ok, st = calls.done["held"]
+        assert not ok and st.kind == "aborted", st
+        assert st.nvme.matches(Generic.ABORTED_BY_REQUEST) and (st.nvme.sct, st.nvme.sc) == (0, 7)
+        assert calls.done["next"][0]
+        assert emu.counters["aborted"] == 1 and nc.ctrlr.reset_count == 0
+        with pytest.raises(IoError) as ei:                 # the blocking helper says the same
+            emu.hold(NvmOpcode.WRITE, count=1)
+            o.desc.write_sync(o.ch, dma(bytes(4096)), 0)
+        assert ei.value.status.kind == "aborted"
+        o.desc.read_sync(o.ch, bytearray(4096), 0)         # and the next I/O is fine
+    finally:
+        o.close()
+
+
 def test_c_path_workload(nvme0):
     """bdev.perf: the workload generator through bdev_submit on the NVMe bdev (C callbacks)."""
     from bdev import perf
@@ -445,6 +472,40 @@ def test_controller_fatal_status_is_answered_with_a_reset(nvme0):
     o.desc.write_sync(o.ch, data, 0)
     assert emu.namespace(1).read_blocks(0, 8) == data
     assert nc.state == "ready"
+
+
+def test_an_os_thread_that_ends_without_put_gives_its_queue_pair_back(attach, caplog):
+    """A thread that takes an NVMe bdev channel (its own I/O queue pair), submits a read and
+    ends without polling or put(): the read completes once, where the channel is released (the
+    queue pair follows its Thread to that OS thread), and the queue pair is deleted."""
+    import logging
+    import threading
+    from env.thread import wait_ended_threads
+    nc, emu = attach("NvmeEnd")
+    desc = bdev.open_bdev("NvmeEndn1", write=True)
+    calls = Completions()
+    errors = []
+
+    def worker():
+        try:
+            ch = desc.get_io_channel()
+            desc.read(ch, dma(bytes(4096)), 0, cb=calls.cb("left"))   # never polled here
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+            t = threading.Thread(target=worker, name="nvme-leaver")
+            t.start()
+            t.join(30)
+            assert wait_ended_threads(30)
+        assert errors == []
+        assert calls.done == {"left": (True, calls.done["left"][1])}
+        assert nc.channel_count == 0 and nc.ctrlr.qpairs == {}
+        assert sorted(q for q in emu.sqs if q) == []
+        assert "nvme-leaver" in caplog.text and "'NvmeEndn1'" in caplog.text
+    finally:
+        desc.close()
 
 
 # ---- hot removal, detach ---------------------------------------------------------------------

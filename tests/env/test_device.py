@@ -164,3 +164,43 @@ def test_bad_arguments(sysfs, hugepages):
         attach_pci("nonsense", root=sysfs)
     with pytest.raises(PciError, match="no PCI device 0000:00:1f.0"):
         attach_pci("0000:00:1f.0", root=sysfs)
+
+
+def test_a_function_of_another_class_is_refused_before_anything_is_unbound(sysfs, hugepages):
+    sysfs.add_driver("e1000e", classes={0x020000})
+    sysfs.add_device("0000:00:02.0", class_code=0x020000, driver="e1000e", iommu_group=3)
+    with pytest.raises(PciError, match=r"0000:00:02.0 has PCI class 02 00 00 \(Ethernet\), not "
+                                       r"01 08 02 \(NVMe\): refused before anything was "
+                                       r"unbound") as ei:
+        attach_pci("0000:00:02.0", root=sysfs, hugepages=hugepages, memmap=MemMap("va", "t"),
+                   class_code=NVME_CLASS)
+    assert str(ei.value.address) == "0000:00:02.0"
+    assert sysfs.writes == [] and sysfs.modprobes == []
+    assert sysfs.driver_of("0000:00:02.0") == "e1000e"
+    make_nvme(sysfs, group=None)                        # an NVMe function passes the check
+    with attach(sysfs, hugepages, driver="uio", class_code=NVME_CLASS) as dev:
+        assert dev.kind == "uio"
+
+
+def test_a_function_attached_twice_in_one_process_is_refused(sysfs, hugepages):
+    make_nvme(sysfs, group=None)
+    dev = attach(sysfs, hugepages, driver="uio")
+    writes = len(sysfs.writes)
+    with pytest.raises(PciError, match="0000:00:10.0 is already attached in this process through "
+                                       "uio: one driver per device"):
+        attach(sysfs, hugepages, driver="uio")
+    assert len(sysfs.writes) == writes and dev.pci.driver == "uio_pci_generic"
+    assert dev.map_bar(0).r32(0) == 0                   # the first is untouched
+    dev.detach()
+    with attach(sysfs, hugepages, driver="uio") as again:   # free once detached
+        assert again.kind == "uio"
+    with attach(sysfs, hugepages, driver="uio"):            # (and after a with block)
+        pass
+
+
+def test_a_failed_attach_does_not_keep_the_function(sysfs, hugepages, tmp_path):
+    make_nvme(sysfs, group=None)
+    with pytest.raises(UioError):
+        attach(sysfs, fake_hugepages(tmp_path / "none", total=0), driver="uio")
+    with attach(sysfs, hugepages, driver="uio") as dev:
+        assert dev.kind == "uio"

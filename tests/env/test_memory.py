@@ -194,6 +194,21 @@ def test_hugetlbfs_buffer_is_shared_between_processes(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_open_shared_refuses_a_file_outside_hugetlbfs(tmp_path):
+    """A plain file is page cache, not hugepages: mapping it as a shared DMA buffer would
+    register it as hugepage memory, and in no-IOMMU mode hand devices physical addresses that
+    move. It is refused, naming the file, and nothing is mapped or registered."""
+    path = tmp_path / "not-hugetlbfs"
+    path.write_bytes(b"\0" * (2 * MiB))
+    before = memory.heap_stats()["hugetlbfs"]
+    with pytest.raises(InvalidArgument, match=rf"{path} is not on hugetlbfs \(its file system "
+                                              r"type is 0x[0-9a-f]+\)"):
+        memory.open_shared(str(path))
+    assert memory.heap_stats()["hugetlbfs"] == before
+    with pytest.raises(InvalidArgument, match="cannot open shared DMA buffer .*No such file"):
+        memory.open_shared(str(tmp_path / "missing"))
+
+
 # ---- Pool ------------------------------------------------------------------------------------
 def test_pool_hands_out_every_element_once():
     p = memory.Pool(16, 100)

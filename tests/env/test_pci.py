@@ -105,9 +105,11 @@ class FakeSysfs(Sysfs):
         return self.link_name(f"bus/pci/devices/{bdf}/driver")
 
     def _link(self, bdf, driver):
-        os.symlink(f"../../../bus/pci/drivers/{driver}", os.path.join(self._dev(bdf), "driver"))
+        # the device's `driver` link last: whoever sees it (driver_of) finds the other one too,
+        # also while an asynchronous probe (a timer thread) is half way
         os.symlink(f"../../../../devices/pci0000:00/{bdf}",
                    self.path(f"bus/pci/drivers/{driver}/{bdf}"))
+        os.symlink(f"../../../bus/pci/drivers/{driver}", os.path.join(self._dev(bdf), "driver"))
 
     def _unlink(self, bdf, driver):
         os.unlink(os.path.join(self._dev(bdf), "driver"))

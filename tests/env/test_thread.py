@@ -299,14 +299,26 @@ def test_pause_and_resume(thread):
 
 
 def test_paused_timed_poller_restarts_its_period_on_resume(thread):
-    c = X.CountingPoller(thread, period_us=10000)
-    c.poller.pause()
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 0.03:
+    """Resumed, a timed poller waits a whole period from the resume (its old deadline, long
+    past, is forgotten), then runs. No timing is asserted that load could break: when it runs,
+    its own clock reading must be a period after the resume, however late that is."""
+    period = 0.2
+    runs = []
+    p = thread.register_poller(lambda: runs.append(time.monotonic()), int(period * 1e6))
+    p.pause()
+    paused_at = time.monotonic()
+    while time.monotonic() - paused_at < 1.5 * period:    # the first deadline goes by, paused
         thread.poll()
-    assert c.count == 0
-    c.poller.resume()
-    thread.run_until(lambda: c.count >= 1, timeout=10)
+    assert runs == []
+    resumed_at = time.monotonic()
+    p.resume()
+    for _ in range(200):                  # polls right after the resume: not due yet
+        thread.poll()
+    assert all(t - resumed_at >= period - 0.002 for t in runs), \
+        f"ran {runs[0] - resumed_at:.4f} s after resume, period {period} s"
+    thread.run_until(lambda: runs, timeout=10)              # and it does run afterwards
+    assert runs[0] - resumed_at >= period - 0.002
+    p.unregister()
 
 
 def test_unregister_from_inside_the_poller(thread):
@@ -854,6 +866,106 @@ def test_destroying_a_thread_releases_leaked_channels(caplog):
     assert dev.channel_count == 0 and dev.events[-1][0] == "destroy"
     assert dev.events[-1][1] is th         # destroyed on (as) its thread
     assert "leaky" in caplog.text
+
+
+class MovingDevice(RecordingDevice):
+    """Records channel_moved too (the hook of devices whose state belongs to an OS thread)."""
+
+    def channel_moved(self, channel):
+        self.events.append(("moved", T.current_thread().name, threading.get_ident()))
+
+
+def test_an_os_thread_that_ends_without_put_has_its_channels_released(caplog):
+    """The app thread of an OS thread that ends holding channels: the reaper releases them (on
+    the Thread, adopted by another OS thread, after channel_moved), says so once naming the
+    devices and the thread, and nothing stays alive."""
+    dev, other = MovingDevice("leaky-dev"), RecordingDevice("second-dev")
+    refs, names, idents = [], [], []
+
+    def work():
+        th = T.current_thread()
+        T.get_io_channel(dev)
+        T.get_io_channel(dev)                  # two references, neither put
+        T.get_io_channel(other)
+        th.send(lambda: names.append("late message"))   # never polled here
+        by_dev = {c.device: c for c in th.channels}
+        refs.extend([weakref.ref(th), weakref.ref(by_dev[dev]), weakref.ref(by_dev[other])])
+        names.append(th.name)
+        idents.append(threading.get_ident())
+
+    with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+        ot = threading.Thread(target=work, name="leaving-worker")
+        ot.start()
+        ot.join(30)
+        assert T.wait_ended_threads(30)
+    assert dev.channel_count == 0 and other.channel_count == 0
+    kinds = [e[0] for e in dev.events]
+    assert kinds == ["create", "moved", "destroy"]
+    assert dev.events[1][1] == names[0] and dev.events[1][2] != idents[0]   # its Thread, elsewhere
+    assert dev.events[2][1].name == names[0]                         # destroyed on its Thread
+    assert names[1:] == ["late message"]                             # its messages ran
+    warnings = [r for r in caplog.records if "ended without put()" in r.getMessage()]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert ("leaving-worker" in text and names[0] in text and "'leaky-dev'" in text
+            and "'second-dev'" in text)
+    dev.events.clear()                         # (they hold the Thread)
+    other.events.clear()
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
+
+
+def test_an_app_thread_without_channels_is_just_unbound():
+    ref = in_os_thread(lambda: weakref.ref(T.current_thread()))
+    assert T.wait_ended_threads(5)
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_bound_thread_is_left_to_its_owner_with_a_warning(caplog):
+    """A Thread bound with bind() is its creator's: when its OS thread ends it is unbound (not
+    destroyed) and a warning says it still holds channels; destroy() releases them."""
+    dev = RecordingDevice("kept-dev")
+    th = T.Thread("owned")
+
+    def work():
+        th.bind()
+        T.get_io_channel(dev)
+
+    with caplog.at_level(logging.WARNING, logger="userblk.env.thread"):
+        in_os_thread(work)
+        assert T.wait_ended_threads(30)
+    assert "'owned'" in caplog.text and "'kept-dev'" in caplog.text and "destroy()" in caplog.text
+    assert not th.is_bound and th.state == "running" and dev.channel_count == 1
+    th.bind()
+    th.exit()
+    th.destroy()
+    assert dev.channel_count == 0 and dev.events[-1][0] == "destroy"
+
+
+def test_io_in_flight_completes_once_when_its_os_thread_ends():
+    """A channel with work outstanding (its destroy waits for it): completed exactly once, by
+    the release, never lost."""
+    completions = []
+
+    class PendingDevice(T.IoDevice):
+        def destroy_channel_ctx(self, channel):
+            for tag in channel.ctx:
+                completions.append(tag)     # what a bdev channel does: finish what is in flight
+
+        def create_channel_ctx(self, channel):
+            return []
+
+    dev = PendingDevice("pending-dev")
+
+    def work():
+        ch = T.get_io_channel(dev)
+        ch.ctx.extend(["io-1", "io-2"])
+
+    for _ in range(3):
+        in_os_thread(work)
+    assert T.wait_ended_threads(30)
+    assert completions == ["io-1", "io-2"] * 3 and dev.channel_count == 0
 
 
 def test_no_channels_on_an_exited_thread():

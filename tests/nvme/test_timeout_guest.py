@@ -51,6 +51,32 @@ def test_timed_out_commands_are_aborted_then_reset_and_complete_once(ctrlr):
     assert qp.state == "enabled"
 
 
+def test_a_reused_command_id_times_out_again(ctrlr):
+    """Two slow commands in a row on one CID: each is reported as timed out once (aborted, then
+    reset), the second as surely as the first - a tracker's "timeout reported" mark belongs to
+    its command, not to the tracker."""
+    qp = ctrlr.create_io_qpair(4)
+    ns = ctrlr.namespace(1)
+    buf = allocate(4096)
+    resets = ctrlr.reset_count
+    cids = []
+    for n in (1, 2):
+        done = []
+        ns.read(qp, buf, 0, 1, done.append)
+        deadline = time.monotonic() + 60
+        while not done and time.monotonic() < deadline:
+            qp.process_completions()
+            ctrlr.poll_admin()
+        assert len(done) == 1, "the command did not complete"
+        c = done[0]
+        assert not c.ok and (c.sct, c.sc) == (0, 0x08), c       # timed out: aborted by reset
+        assert qp.stats()["timeouts"] == n
+        assert ctrlr.reset_count == resets + n
+        cids.append(c.cid)
+    assert cids[0] == cids[1]
+    ctrlr.delete_io_qpair(qp)
+
+
 def test_queue_pair_works_after_the_reset(ctrlr):
     from nvme.controller import ControllerOptions   # noqa: F401  (same module-scoped controller)
     qp = ctrlr.create_io_qpair(4)

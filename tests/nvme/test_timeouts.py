@@ -120,6 +120,27 @@ def test_a_successful_abort_does_not_reset_when_the_cid_is_reused(make_rig):
     assert calls.status("second").ok
 
 
+def test_two_commands_in_a_row_on_one_cid_both_time_out(make_rig):
+    """A tracker's timeout is reported once per command, not once per tracker: the command that
+    reuses a timed-out command's CID times out too (and is aborted)."""
+    r = make_rig(opts=opts(0.1))
+    buf = allocate(4096)
+    cids = []
+    for n in (1, 2):
+        r.emu.hold(NvmOpcode.READ, count=1)
+        calls = Calls()
+        r.ns.read(r.qp, buf, n, 1, calls.cb(n))
+        pump(r, lambda: len(calls) == 1, timeout=10)
+        cpl = calls.status(n)
+        assert cpl.status.matches(BY_REQUEST), cpl
+        cids.append(cpl.cid)
+        assert r.qp.stats()["timeouts"] == n
+    assert cids[0] == cids[1]                  # the same tracker both times
+    assert r.emu.commands(AdminOpcode.ABORT, admin=True) == 2
+    assert r.ctrl.reset_count == 0
+    check_io_works(r)
+
+
 # ---- Abort that does not help: reset ------------------------------------------------------------
 
 @pytest.mark.parametrize("abort_fails_by", ["hold", "error status"])
