@@ -17,9 +17,10 @@ Backends: `bdev.malloc`, `bdev.null`, `bdev.nvme` (NVMe through the user-space d
 from bdev.core import (Bdev, BdevChannel, Descriptor, IoStatus, PyBdev, PyIo, bdevs, get_bdev,
                        open_bdev)
 from bdev.errors import (BdevClaimed, BdevError, BdevExists, BdevNotFound, BdevRemoved,
-                         DescriptorClosed, IoError, ReadOnlyDescriptor, UnsupportedIoType)
+                         ChannelReleased, DescriptorClosed, IoCompletedError, IoError,
+                         ReadOnlyDescriptor, UnsupportedIoType)
 
 __all__ = ["Bdev", "BdevChannel", "Descriptor", "IoStatus", "PyBdev", "PyIo", "bdevs",
            "get_bdev", "open_bdev", "BdevClaimed", "BdevError", "BdevExists", "BdevNotFound",
-           "BdevRemoved", "DescriptorClosed", "IoError", "ReadOnlyDescriptor",
-           "UnsupportedIoType"]
+           "BdevRemoved", "ChannelReleased", "DescriptorClosed", "IoCompletedError", "IoError",
+           "ReadOnlyDescriptor", "UnsupportedIoType"]

@@ -51,7 +51,7 @@ from libc.string cimport memcpy, memset
 
 from bdev.core cimport (BDEV_IO_FLUSH, BDEV_IO_READ, BDEV_IO_RESET, BDEV_IO_UNMAP, BDEV_IO_WRITE,
                         BDEV_IO_WRITE_ZEROES, Bdev, BdevChannel, IO_FAILED, IO_SUCCESS, bdev_io,
-                        bdev_io_complete)
+                        bdev_io_complete, bdev_io_ctx)
 
 from bdev.errors import BdevError
 from env.errors import InvalidArgument, ResourceExhausted
@@ -403,6 +403,14 @@ class AioFileError(BdevError, OSError):
         return self.args[0]
 
 
+# A reset's module context (bdev_io_ctx): it waits, chained with the other resets, until
+# every slot that was in flight when it came has completed.
+cdef struct reset_ctx:
+    bdev_io* next             # the next waiting reset
+    uint64_t seq              # slots submitted before this sequence number count
+    uint64_t left             # how many of them are still in flight
+
+
 # One in-flight request of a channel: the iocb the kernel got (AIO) and what to finish.
 cdef struct aio_slot:
     iocb cb
@@ -462,7 +470,7 @@ cdef class AioChannel(BdevChannel):
     cdef uint32_t depth
     cdef uint32_t inflight
     cdef uint64_t seq
-    cdef bdev_io* resets          # waiting resets (chained through driver_ctx[0])
+    cdef bdev_io* resets          # waiting resets (chained through their reset_ctx)
     cdef io_event* events
     # statistics
     cdef uint64_t submitted
@@ -548,13 +556,14 @@ cdef class AioChannel(BdevChannel):
         for i in range(self.depth):
             if self.slots[i].io != NULL:
                 n += 1
+        cdef reset_ctx* ctx = <reset_ctx*> bdev_io_ctx(io)
         if n == 0:
             bdev_io_complete(io, IO_SUCCESS)
             return
         self.seq += 1
-        io.driver_ctx[0] = <uint64_t> <uintptr_t> self.resets
-        io.driver_ctx[1] = self.seq
-        io.driver_ctx[2] = n
+        ctx.next = self.resets
+        ctx.seq = self.seq
+        ctx.left = n
         self.resets = io
 
     cdef void _resets_note(self, uint64_t seq) noexcept nogil:
@@ -562,15 +571,17 @@ cdef class AioChannel(BdevChannel):
         cdef bdev_io* r = self.resets
         cdef bdev_io* prev = NULL
         cdef bdev_io* nxt
+        cdef reset_ctx* ctx
         while r != NULL:
-            nxt = <bdev_io*> <uintptr_t> r.driver_ctx[0]
-            if seq < r.driver_ctx[1]:
-                r.driver_ctx[2] -= 1
-                if r.driver_ctx[2] == 0:
+            ctx = <reset_ctx*> bdev_io_ctx(r)
+            nxt = ctx.next
+            if seq < ctx.seq:
+                ctx.left -= 1
+                if ctx.left == 0:
                     if prev == NULL:
                         self.resets = nxt
                     else:
-                        prev.driver_ctx[0] = <uint64_t> <uintptr_t> nxt
+                        (<reset_ctx*> bdev_io_ctx(prev)).next = nxt
                     bdev_io_complete(r, IO_SUCCESS)
                     r = nxt
                     continue
@@ -1180,6 +1191,7 @@ def create(name, filename, block_size=None, *, readonly=False, engine="aio", que
                 io_types.append("write_zeroes")
         # one request moves at most MAX_RW_COUNT (2 GiB - 4 KiB) bytes: the layer splits above
         b = AioBdev(name, block_size=bs, num_blocks=size // bs, module="aio", io_types=io_types,
+                    ctx_size=sizeof(reset_ctx),
                     uuid=uuid, required_alignment=max(align, 1), product_name="AIO disk",
                     max_transfer_blocks=MAX_TRANSFER_BYTES // bs)
         b._attach(fd, path, use_direct, readonly, is_blk, max(align, 1), queue_depth, engine,

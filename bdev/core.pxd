@@ -1,8 +1,9 @@
 # The block-device layer's C-level interface (see core.pyx): the I/O object, bdevs, descriptors
 # and per-thread channels, and the functions modules and engines call without the GIL.
 from cpython.ref cimport PyObject
-from libc.errno cimport ENOMEM
+from libc.errno cimport ENOMEM, ESHUTDOWN
 from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memset
 from posix.uio cimport iovec
 
 from env.histogram cimport Histogram
@@ -28,6 +29,7 @@ cdef enum:
     IO_NVME_ERROR = 4         # failed with an NVMe status (kept in nvme_status / nvme_cdw0)
     IO_MISCOMPARE = 5
     IO_ABORTED = 6
+    IO_REMOVED = 7            # the bdev was unregistered before the module got it (errno ENODEV)
 
 cdef enum:                    # bdev_io.flags
     IOF_IN_SUBMIT = 1         # completing now would recurse into the submitter: defer
@@ -37,6 +39,26 @@ cdef enum:                    # bdev_io.flags
     IOF_BOUNCE = 16           # data goes through io.bounce_ref (copied in/out)
     IOF_OWN_IOVS = 32         # io.iovs was malloc()ed for this I/O (freed at completion)
     IOF_EMULATED = 64         # write_zeroes done as writes of zeroes
+    IOF_RETRY = 128           # the module saw this I/O before: the layer hands it back (NOMEM
+                              # queue, bounce after -EFAULT); its context is as the module left it
+
+# The module's per-I/O context: BDEV_IO_CTX_CAPACITY bytes at the end of every bdev_io, on a
+# 64-byte boundary of its own (a cache line no layer field shares). A module declares how many
+# of them it uses (Bdev ctx_size); the layer zeroes those before the module first sees an I/O,
+# and leaves them alone when it hands the I/O back (IOF_RETRY). Read it with bdev_io_ctx().
+cdef extern from *:
+    """
+    #ifndef UBLK_BDEV_IO_CTX_DEFINED
+    #define UBLK_BDEV_IO_CTX_DEFINED
+    #define UBLK_BDEV_IO_CTX_CAPACITY 64
+    typedef struct { _Alignas(64) unsigned char bytes[UBLK_BDEV_IO_CTX_CAPACITY]; } ublk_bdev_io_ctx;
+    _Static_assert(sizeof(ublk_bdev_io_ctx) == UBLK_BDEV_IO_CTX_CAPACITY,
+                   "the module context is a whole number of cache lines");
+    #endif
+    """
+    enum: BDEV_IO_CTX_CAPACITY "UBLK_BDEV_IO_CTX_CAPACITY"
+    ctypedef struct bdev_io_ctx_area "ublk_bdev_io_ctx":
+        unsigned char bytes[64]
 
 cdef struct bdev_io
 ctypedef void (*bdev_io_cb)(bdev_io* io, bint success, void* cb_arg) noexcept nogil
@@ -55,10 +77,10 @@ cdef struct bdev_io:
     uint64_t num_blocks
     iovec* iovs               # what the module transfers: &iov, a caller's array or the bounce
     uint32_t iovcnt
+    uint32_t user_iovcnt
     iovec iov
     iovec* user_iovs          # the caller's iovec when bouncing (copied back for reads)
     iovec user_iov            # the caller's single segment, when it had one
-    uint32_t user_iovcnt
     bdev_io_cb cb
     void* cb_arg
     PyObject* py_cb
@@ -72,7 +94,7 @@ cdef struct bdev_io:
     uint16_t child_nvme_status
     uint64_t split_next       # parent: next block to issue
     bdev_io* next             # free list / deferred completions / NOMEM queue
-    uint64_t driver_ctx[8]    # for the module (64 bytes)
+    bdev_io_ctx_area module_ctx   # the module's (bdev_io_ctx), 64-byte aligned; last
 
 cdef struct bdev_stats:
     uint64_t bytes_read
@@ -111,10 +133,14 @@ cdef class Bdev(IoDevice):
     cdef readonly object uuid
     cdef readonly list aliases
     cdef readonly object module                 # the module's name ("malloc", "nvme"...)
+    cdef readonly uint32_t ctx_size             # bytes of bdev_io_ctx the module uses
     cdef uint32_t supported_types               # bit per BDEV_IO_* type
     cdef uint64_t fast_max_blocks               # reads/writes up to this size never split
     cdef uint64_t align_mask                    # required_alignment - 1
     cdef readonly bint removed
+    cdef bint _destructed
+    cdef uint32_t _stranded                     # I/Os a module kept past its channel's release
+    cdef uint32_t _closing_channels             # channels being released right now
     cdef list _descs
     cdef object _claim
     cdef bint _histograms
@@ -145,6 +171,11 @@ cdef class BdevChannel(IoChannel):
     cdef bdev_stats counters
     cdef Histogram histogram                    # None unless histograms are enabled
     cdef Poller poller
+    cdef dict py_held                           # PyBdev: PyIo objects the module holds
+    cdef bint thread_ended                      # released by its thread's destroy(), not put()
+    cdef bint aborting                          # released past its drain deadline: no new I/O
+    cdef bint torn_down                         # released: its I/O objects are (being) freed
+    cdef uint32_t polling                       # poll() calls running (a callback may nest one)
 
     cdef bdev_io* get_io(self) noexcept nogil
     cdef void put_io(self, bdev_io* io) noexcept nogil
@@ -160,6 +191,7 @@ cdef class Descriptor:
     cdef object __weakref__
     cdef bdev_io* _take_io(self, BdevChannel c, uint8_t t, uint64_t offset_blocks,
                            uint64_t num_blocks) except NULL
+    cdef _submit(self, ch, uint8_t t, buf, uint64_t offset_blocks, uint64_t num_blocks, cb)
 
 
 # ---- C-level functions --------------------------------------------------------------------------
@@ -167,7 +199,8 @@ cdef class Descriptor:
 # 0: it will complete through `cb` exactly once; negative errno: refused, nothing happened:
 # -EBADF closed descriptor, -ENODEV removed bdev, -EXDEV channel of another thread, -EINVAL
 # channel of another bdev, -EACCES read-only descriptor, -EOPNOTSUPP unsupported type, -ERANGE
-# range outside the bdev, -ENOMEM no free I/O object on this channel.
+# range outside the bdev, -ENOMEM no free I/O object on this channel, -ESHUTDOWN the channel
+# was released (put, or its thread destroyed).
 #
 # Its common case is written here, inline, so that it compiles into the caller (an engine's
 # submit function) with no call of its own: a read or write this descriptor may do, on this
@@ -186,7 +219,7 @@ cdef inline int bdev_submit(Descriptor desc, BdevChannel ch, uint8_t type, char*
             and ch.on_owner()):
         io = bdev_get_io(ch)
         if io == NULL:
-            return -ENOMEM
+            return bdev_no_io(ch)
         bdev_io_prepare(io, type, offset_blocks, num_blocks, cb, cb_arg)
         bdev_io_set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
         io.submit_tick = get_ticks()
@@ -210,6 +243,19 @@ cdef void bdev_io_nvme_cpl(void* io, const nvme_cqe* cpl) noexcept nogil
 cdef int bdev_start_refused(BdevChannel ch, bdev_io* io, int rc) noexcept nogil
 
 
+# ---- for modules: the per-I/O context and the retry flag ----------------------------------------
+cdef inline void* bdev_io_ctx(bdev_io* io) noexcept nogil:
+    """The module's context of `io`: 64-byte aligned, BDEV_IO_CTX_CAPACITY bytes, of which the
+    first `ctx_size` (what the bdev declared) are zero when the module first sees the I/O."""
+    return <void*> &io.module_ctx
+
+
+cdef inline bint bdev_io_is_retry(bdev_io* io) noexcept nogil:
+    """The layer hands the module an I/O it saw before (it refused it with -ENOMEM or -EFAULT,
+    or completed it "nomem"): the context holds what the module left there."""
+    return (io.flags & IOF_RETRY) != 0
+
+
 # ---- the pieces of the fast path (also used by core.pyx) ----------------------------------------
 cdef inline bint bdev_in_range(Bdev b, uint64_t off, uint64_t n) noexcept nogil:
     """Blocks [off, off + n) are a non-empty range inside `b` (no overflow)."""
@@ -221,7 +267,7 @@ cdef inline bdev_io* bdev_get_io(BdevChannel ch) noexcept nogil:
     reset here; the rest is kept NULL/zero by whoever used it (the Python references and the
     bounce buffer are cleared when they are released) or is set before it is read (parent and
     split fields with their flags, the caller's iovec with IOF_BOUNCE). `bdev` and `channel`
-    were set when the channel was made. The module's driver_ctx is the module's to initialise."""
+    were set when the channel was made. The module's context is zeroed by bdev_start."""
     cdef bdev_io* io = ch.free_ios
     if io == NULL:
         return NULL
@@ -233,6 +279,11 @@ cdef inline bdev_io* bdev_get_io(BdevChannel ch) noexcept nogil:
     io.nvme_cdw0 = 0
     io.iovcnt = 0
     return io
+
+
+cdef inline int bdev_no_io(BdevChannel ch) noexcept nogil:
+    """Why bdev_get_io found no I/O object: a released channel has none at all."""
+    return -ESHUTDOWN if ch._released else -ENOMEM
 
 
 cdef inline void bdev_put_io(BdevChannel ch, bdev_io* io) noexcept nogil:
@@ -259,8 +310,11 @@ cdef inline void bdev_io_set_buffer(bdev_io* io, char* buf, uint64_t nbytes) noe
 
 
 cdef inline int bdev_start(BdevChannel ch, bdev_io* io) noexcept nogil:
-    """Hand `io` to the module. It always completes afterwards (see bdev_start_refused)."""
+    """Hand `io` to the module for the first time (a resubmission goes straight to
+    submit_request, with IOF_RETRY). It always completes afterwards (see bdev_start_refused)."""
     cdef int rc
+    if ch.bdev.ctx_size:
+        memset(&io.module_ctx, 0, ch.bdev.ctx_size)
     io.flags |= IOF_IN_SUBMIT
     ch.in_module += 1
     rc = ch.bdev.submit_request(ch, io)

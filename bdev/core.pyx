@@ -25,28 +25,39 @@ What the layer does between the caller and the module, in the spirit of SPDK's l
 Every I/O accepted by a submission function completes exactly once, through its callback.
 The C-level path (`bdev_submit`, `bdev_io_cb`) creates no Python object per I/O; the Python path
 (`Descriptor.read` & co.) calls `cb(success, status)` with `status` None on success.
+
+A bdev's end, in order: `unregister()` (descriptors hear "remove" and refuse new I/O; what the
+layer still holds for it - split children not issued yet, the NOMEM queue - fails "removed", errno
+ENODEV, instead of reaching the module), then every descriptor closed and every channel released
+(`put()` waits for the I/O in flight up to the module's `drain_timeout()`, then aborts what is
+left), and only then the module's `destruct()`: a module never sees a submission after it.
 """
 import logging
+import math
+import operator
 import threading
 import uuid as _uuid
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_STRIDES, PyBUF_WRITABLE,
+                             PyBuffer_Release, PyObject_GetBuffer)
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EACCES, EBADF, EFAULT, EINVAL, ENODEV, ENOMEM, ENXIO, EOPNOTSUPP, EPERM,
-                         ERANGE, EXDEV)
+from libc.errno cimport (EACCES, EBADF, EFAULT, EINVAL, EIO, ENODEV, ENOMEM, ENXIO, EOPNOTSUPP,
+                         EPERM, ERANGE, ESHUTDOWN, EXDEV)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
+from posix.stdlib cimport posix_memalign
 from posix.uio cimport iovec
+from posix.unistd cimport usleep
 
 from env.histogram cimport Histogram
 from env.memory cimport DmaBuffer
-from env.thread cimport IoChannel, IoDevice, Poller, Thread
+from env.thread cimport THREAD_RUNNING, IoChannel, IoDevice, Poller, Thread, now_us
 from env.ticks cimport get_ticks
 
 from bdev.errors import (BdevClaimed, BdevError, BdevExists, BdevNotFound, BdevRemoved,
-                         DescriptorClosed, IoError, ReadOnlyDescriptor, UnsupportedIoType)
+                         ChannelReleased, DescriptorClosed, IoCompletedError, IoError,
+                         ReadOnlyDescriptor, UnsupportedIoType)
 from env import memory as _memory
 from env.errors import InvalidArgument, ResourceExhausted, WrongThreadError
 from env.thread import current_thread
@@ -58,20 +69,26 @@ IO_TYPE_NAMES = {BDEV_IO_READ: "read", BDEV_IO_WRITE: "write",
                  BDEV_IO_FLUSH: "flush", BDEV_IO_RESET: "reset", BDEV_IO_COMPARE: "compare"}
 IO_TYPES = {v: k for k, v in IO_TYPE_NAMES.items()}
 STATUS_NAMES = {IO_SUCCESS: "success", IO_FAILED: "failed", IO_NOMEM: "nomem",
-                IO_NVME_ERROR: "nvme_error", IO_MISCOMPARE: "miscompare", IO_ABORTED: "aborted"}
+                IO_NVME_ERROR: "nvme_error", IO_MISCOMPARE: "miscompare", IO_ABORTED: "aborted",
+                IO_REMOVED: "removed"}
+IO_CTX_CAPACITY = BDEV_IO_CTX_CAPACITY      # bytes of per-I/O context a module may declare
+DEFAULT_DRAIN_TIMEOUT_S = 30.0              # what put() waits for I/O in flight, by default
 
 cdef enum:
     DEFAULT_CHANNEL_IOS = 4096
     MAX_SPLIT_INFLIGHT = 32
     NOMEM_RETRY_BUDGET = 64
     ZERO_BUFFER_SIZE = 1 << 20
+    DRAIN_PAUSE_MAX_US = 1000
 
 cdef enum:                    # sets of I/O types, as bit masks (constants: no load per I/O)
     _WRITE_TYPES = ((1 << BDEV_IO_WRITE) | (1 << BDEV_IO_WRITE_ZEROES) | (1 << BDEV_IO_UNMAP)
                     | (1 << BDEV_IO_FLUSH))
     _DATA_TYPES = (1 << BDEV_IO_READ) | (1 << BDEV_IO_WRITE) | (1 << BDEV_IO_COMPARE)
     _RANGE_TYPES = ((1 << BDEV_IO_READ) | (1 << BDEV_IO_WRITE) | (1 << BDEV_IO_COMPARE)
-                    | (1 << BDEV_IO_WRITE_ZEROES) | (1 << BDEV_IO_UNMAP))
+                    | (1 << BDEV_IO_WRITE_ZEROES) | (1 << BDEV_IO_UNMAP))   # also split
+    _CHECKED_TYPES = _RANGE_TYPES | (1 << BDEV_IO_FLUSH)   # a range inside the bdev (a flush
+                                                           # is never split: one covers it all)
 
 # the zero buffer behind emulated Write Zeroes (DMA memory, so every module can use it)
 cdef object _zero_buf = None
@@ -86,12 +103,41 @@ cdef char* _zero_buffer() noexcept with gil:
     return _zero_ptr
 
 
+# ---- arguments ---------------------------------------------------------------------------------
+def uint_arg(name, value, bits=64):
+    """`value` as an unsigned integer of `bits` bits, or InvalidArgument naming `name`."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise InvalidArgument(f"{name} must be an integer, not {type(value).__name__} "
+                              f"{value!r}") from None
+    if v < 0 or v >> bits:
+        raise InvalidArgument(f"{name} must be between 0 and {(1 << bits) - 1}, not {v}")
+    return v
+
+
+cdef uint64_t _u64(object value, str name) except? 0xFFFFFFFFFFFFFFFF:
+    """The Python I/O path's conversion: a plain int converts at C level (fast); anything else
+    goes through uint_arg, which explains what is wrong."""
+    if type(value) is int and value >= 0:
+        try:
+            return value
+        except OverflowError:
+            pass
+    return uint_arg(name, value)
+
+
 def blocks_of(num_blocks, size, block_size):
     """`num_blocks`, or `size` bytes in blocks (what a module's create() was given)."""
+    block_size = uint_arg("block_size", block_size, 32)
+    if block_size == 0:
+        raise InvalidArgument("block_size: the block size must be a power of two of at least 512, "
+                              "not 0")
     if num_blocks is not None:
-        return num_blocks
+        return uint_arg("num_blocks", num_blocks)
     if size is None:
         raise InvalidArgument("give num_blocks or size")
+    size = uint_arg("size", size)
     if size % block_size:
         raise InvalidArgument(f"size {size} is not a multiple of the block size {block_size}")
     return size // block_size
@@ -104,6 +150,8 @@ _registry_lock = threading.RLock()
 
 def get_bdev(name):
     """The registered bdev called `name` (or with that alias)."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"a bdev name is a string, not {type(name).__name__} {name!r}")
     with _registry_lock:
         try:
             return _registry[name]
@@ -319,6 +367,13 @@ cdef inline void _nomem_push(BdevChannel ch, bdev_io* io) noexcept nogil:
     ch.nomem_tail = io
 
 
+cdef void _end_unsent(BdevChannel ch, bdev_io* io, uint8_t status) noexcept nogil:
+    """Finish `io`, which waits in the layer (the module does not hold it), with `status`."""
+    io.status = status
+    io.error = ENODEV if status == IO_REMOVED else 0
+    _finish(ch, io)
+
+
 cdef void _finish(BdevChannel ch, bdev_io* io) noexcept nogil:
     cdef bint ok = io.status == IO_SUCCESS
     if io.flags & IOF_CHILD:
@@ -457,6 +512,14 @@ cdef void _split_issue(BdevChannel ch, bdev_io* parent) noexcept nogil:
     cdef uint64_t n
     cdef int rc
     while parent.split_next < end and parent.children_left < MAX_SPLIT_INFLIGHT:
+        if ch.bdev.removed or ch.aborting or ch.torn_down:
+            # unregistered meanwhile, or the channel was released (or is, after its drain
+            # deadline): the rest never reaches the module
+            if not parent.child_status:
+                parent.child_status = IO_REMOVED if ch.bdev.removed else IO_ABORTED
+                parent.error = ENODEV if ch.bdev.removed else 0
+            parent.split_next = end
+            break
         child = bdev_get_io(ch)
         if child == NULL:
             if parent.children_left == 0:
@@ -530,7 +593,7 @@ cdef int bdev_start_refused(BdevChannel ch, bdev_io* io, int rc) noexcept nogil:
     if (rc == -EFAULT and ch.bdev.dma_required and (_DATA_TYPES >> io.type) & 1
             and not io.flags & IOF_BOUNCE and _bounce_setup(ch.bdev, io) == 0):
         # memory the device cannot reach (not DMA-registered): once more, through DMA memory
-        io.flags |= IOF_IN_SUBMIT
+        io.flags |= IOF_IN_SUBMIT | IOF_RETRY
         rc = ch.bdev.submit_request(ch, io)
         io.flags &= ~IOF_IN_SUBMIT
         if rc == 0 or io.status != IO_PENDING:
@@ -599,9 +662,11 @@ cdef inline int _check(Descriptor desc, BdevChannel ch, uint8_t type, uint64_t o
         return _refusal(desc, type)
     if <void*> ch.bdev != <void*> desc.bdev:
         return -EINVAL
+    if ch._released:
+        return -ESHUTDOWN
     if not ch.on_owner():
         return -EXDEV
-    if (_RANGE_TYPES >> type) & 1 and not bdev_in_range(desc.bdev, off, n):
+    if (_CHECKED_TYPES >> type) & 1 and not bdev_in_range(desc.bdev, off, n):
         return -ERANGE
     return 0
 
@@ -667,7 +732,7 @@ cdef int bdev_submit_general(Descriptor desc, BdevChannel ch, uint8_t type, char
         return rc
     io = bdev_get_io(ch)
     if io == NULL:
-        return -ENOMEM
+        return bdev_no_io(ch)
     bdev_io_prepare(io, type, offset_blocks, num_blocks, cb, cb_arg)
     if (_DATA_TYPES >> type) & 1:
         bdev_io_set_buffer(io, buf, num_blocks << desc.bdev.block_shift)
@@ -696,7 +761,7 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
         return -EINVAL
     io = bdev_get_io(ch)
     if io == NULL:
-        return -ENOMEM
+        return bdev_no_io(ch)
     bdev_io_prepare(io, type, offset_blocks, num_blocks, cb, cb_arg)
     io.iovs = iovs
     io.iovcnt = iovcnt
@@ -709,6 +774,73 @@ cdef int bdev_submitv(Descriptor desc, BdevChannel ch, uint8_t type, iovec* iovs
 # ---- the channel --------------------------------------------------------------------------------
 cdef int _channel_poller(void* ctx) noexcept nogil:
     return (<BdevChannel> ctx).poll()
+
+
+cdef inline bint _busy(BdevChannel ch) noexcept nogil:
+    """Does anything of this channel still have to complete?"""
+    return ch.in_module != 0 or ch.done_head != NULL or ch.nomem_head != NULL
+
+
+cdef bint _drain(BdevChannel ch, uint64_t deadline_us) noexcept nogil:
+    """Poll the channel until nothing is outstanding (True) or the deadline passed (False);
+    between polls that found nothing, pause a little (up to 1 ms) to leave the CPU to whoever
+    completes the I/O."""
+    cdef uint32_t pause = 1
+    while _busy(ch):
+        if ch.poll() > 0:
+            pause = 1
+            continue
+        if not _busy(ch):
+            break
+        if now_us() >= deadline_us:
+            return False
+        usleep(pause)
+        pause = min(pause * 2, <uint32_t> DRAIN_PAUSE_MAX_US)
+    return True
+
+
+cdef void _finish_deferred(BdevChannel ch) noexcept nogil:
+    """Finish the completions waiting for the channel's poll (none calls the module)."""
+    cdef bdev_io* io
+    while ch.done_head != NULL:
+        io = ch.done_head
+        ch.done_head = io.next
+        if ch.done_head == NULL:
+            ch.done_tail = NULL
+        _finish(ch, io)
+
+
+cdef void _fail_nomem_queue(BdevChannel ch, uint8_t status) noexcept nogil:
+    """Finish, with `status`, what waits for the module to have resources again."""
+    cdef bdev_io* io
+    while ch.nomem_head != NULL:
+        io = ch.nomem_head
+        ch.nomem_head = io.next
+        if ch.nomem_head == NULL:
+            ch.nomem_tail = NULL
+        _end_unsent(ch, io, status)
+
+
+cdef inline int _poll_end(BdevChannel ch, int work) noexcept nogil:
+    ch.poll_tick = 0
+    ch.polling -= 1
+    if ch.torn_down and ch.polling == 0:
+        _free_ios_after_poll(ch)
+    return work
+
+
+cdef void _free_ios_after_poll(BdevChannel ch) noexcept nogil:
+    """The channel was released from inside its own poll (a completion callback put it): the
+    I/O objects that poll still walked are freed now that it is over."""
+    if ch.ios == NULL:
+        return
+    ch.free_ios = NULL
+    if _busy(ch):
+        with gil:
+            ch._strand()
+        return
+    free(ch.ios)
+    ch.ios = NULL
 
 
 cdef class BdevChannel(IoChannel):
@@ -730,6 +862,7 @@ cdef class BdevChannel(IoChannel):
         # One clock read for every I/O this poll finds complete (each was complete when the
         # poll began), instead of one per I/O: see _account.
         self.poll_tick = get_ticks()
+        self.polling += 1
         if batch != NULL:
             # only what was done before this poll: callbacks that resubmit add to a fresh
             # list, so one poll never loops for ever on a device that completes at once
@@ -739,15 +872,23 @@ cdef class BdevChannel(IoChannel):
             batch = io.next
             _finish(self, io)
             work += 1
+        if self.torn_down:
+            # a callback of this batch released the channel: finish the batch, nothing more
+            return _poll_end(self, work)
         work += self.bdev.poll_channel(self)
         while self.nomem_head != NULL and budget > 0:
             io = self.nomem_head
             self.nomem_head = io.next
             if self.nomem_head == NULL:
                 self.nomem_tail = NULL
-            self.counters.nomem_retries += 1
             budget -= 1
-            io.flags |= IOF_IN_SUBMIT
+            if self.bdev.removed:
+                # unregistered: what waits here never reaches the module again
+                _end_unsent(self, io, IO_REMOVED)
+                work += 1
+                continue
+            self.counters.nomem_retries += 1
+            io.flags |= IOF_IN_SUBMIT | IOF_RETRY
             self.in_module += 1
             rc = self.bdev.submit_request(self, io)
             io.flags &= ~IOF_IN_SUBMIT
@@ -764,14 +905,16 @@ cdef class BdevChannel(IoChannel):
                 io.error = -rc
                 _finish(self, io)
             work += 1
-        self.poll_tick = 0
-        return work
+        return _poll_end(self, work)
 
     def _setup(self, Bdev bdev, uint32_t nios):
+        cdef void* mem = NULL
         self.bdev = bdev
-        self.ios = <bdev_io*> calloc(nios, sizeof(bdev_io))
-        if self.ios == NULL:
+        # 64-byte aligned: each object's module context sits on a cache line of its own
+        if nios == 0 or posix_memalign(&mem, 64, nios * sizeof(bdev_io)) != 0:
             raise MemoryError("cannot allocate the channel's I/O objects")
+        memset(mem, 0, nios * sizeof(bdev_io))
+        self.ios = <bdev_io*> mem
         self.nios = nios
         cdef long k
         for k in range(<long> nios - 1, -1, -1):
@@ -783,23 +926,38 @@ cdef class BdevChannel(IoChannel):
         _stats_init(&self.counters)
         if bdev._histograms:
             self.histogram = Histogram()
+        # (the poller keeps the channel alive while it is registered: a callback inside the
+        # poll may put the last reference)
         self.poller = self.thread.register_c_poller(_channel_poller, <void*> self, 0,
-                                                    f"bdev:{bdev.name}", None)
+                                                    f"bdev:{bdev.name}", self)
 
     def _teardown(self):
         if self.poller is not None:
             if self.poller.is_registered:      # a thread's exit unregisters its pollers itself
                 self.poller.unregister()
             self.poller = None
-        if self.in_module or self.done_head != NULL or self.nomem_head != NULL:
-            # the module still owns I/O objects: keep the array (a leak beats a crash)
-            log.error("channel of %s on %s released with %d I/O(s) outstanding; not freeing its "
-                      "I/O objects", self.bdev.name, self.thread.name, self.in_module)
-            self.ios = NULL
+        self.torn_down = True
+        if self.polling:
+            # released from a callback inside this channel's poll, which still walks I/O
+            # objects of it: they are freed when that poll ends (_free_ios_after_poll)
+            self.free_ios = NULL
+            return
+        if _busy(self):
+            self._strand()
             return
         free(self.ios)
         self.ios = NULL
         self.free_ios = NULL
+
+    def _strand(self):
+        """The module still owns I/O objects it may complete some day: keep them and this
+        channel (a leak beats a crash), and never destruct the module under them."""
+        log.error("channel of %s on %s released with %d I/O(s) the module never completed; "
+                  "its I/O objects are kept and the bdev will not be destructed",
+                  self.bdev.name, self.thread.name, self.in_module)
+        self.bdev._stranded += self.in_module
+        Py_INCREF(self)
+        self.ios = NULL
 
     def poll_now(self):
         """Run this channel's completions now (the thread's poller does this on its own)."""
@@ -843,28 +1001,44 @@ cdef class BdevChannel(IoChannel):
 # ---- the bdev -----------------------------------------------------------------------------------
 cdef class Bdev(IoDevice):
     """A block device. Modules subclass it (and BdevChannel), override `submit_request` (C) or
-    use `PyBdev` (Python), and `register()` it."""
+    use `PyBdev` (Python), and `register()` it.
+
+    `ctx_size`: how many bytes of each I/O's module context (`bdev_io_ctx`, at most
+    IO_CTX_CAPACITY) the module uses; the layer zeroes them before the module first sees an I/O.
+    """
 
     channel_class = BdevChannel
     channel_ios = DEFAULT_CHANNEL_IOS
 
-    def __init__(self, name, *, uint32_t block_size, uint64_t num_blocks, module, io_types,
-                 uuid=None, aliases=(), uint32_t write_unit_size=1,
-                 uint32_t optimal_io_boundary=0, bint split_on_optimal_io_boundary=False,
-                 uint64_t max_transfer_blocks=0, uint32_t required_alignment=1,
-                 bint dma_required=False, uint32_t md_size=0, product_name=None):
+    def __init__(self, name, *, block_size, num_blocks, module, io_types, uuid=None, aliases=(),
+                 write_unit_size=1, optimal_io_boundary=0, bint split_on_optimal_io_boundary=False,
+                 max_transfer_blocks=0, required_alignment=1, bint dma_required=False,
+                 md_size=0, product_name=None, ctx_size=0):
         if not isinstance(name, str) or not name or any(c.isspace() for c in name):
             raise InvalidArgument(f"a bdev name is a non-empty string without spaces, not {name!r}")
+        block_size = uint_arg("block_size", block_size, 32)
+        num_blocks = uint_arg("num_blocks", num_blocks)
+        write_unit_size = uint_arg("write_unit_size", write_unit_size, 32)
+        optimal_io_boundary = uint_arg("optimal_io_boundary", optimal_io_boundary, 32)
+        max_transfer_blocks = uint_arg("max_transfer_blocks", max_transfer_blocks)
+        required_alignment = uint_arg("required_alignment", required_alignment, 32)
+        md_size = uint_arg("md_size", md_size, 32)
+        ctx_size = uint_arg("ctx_size", ctx_size, 32)
         if block_size < 512 or block_size & (block_size - 1):
-            raise InvalidArgument(f"block size must be a power of two of at least 512, not "
-                                  f"{block_size}")
+            raise InvalidArgument(f"block_size: the block size must be a power of two of at "
+                                  f"least 512, not {block_size}")
         if num_blocks == 0:
-            raise InvalidArgument("a bdev needs at least one block")
+            raise InvalidArgument("a bdev needs at least one block (num_blocks 0)")
         if required_alignment == 0 or required_alignment & (required_alignment - 1):
-            raise InvalidArgument("required_alignment must be a power of two")
+            raise InvalidArgument(f"required_alignment must be a power of two, not "
+                                  f"{required_alignment}")
         if write_unit_size == 0:
             raise InvalidArgument("write_unit_size must be at least 1 block")
+        if ctx_size > BDEV_IO_CTX_CAPACITY:
+            raise InvalidArgument(f"ctx_size {ctx_size}: a module's per-I/O context holds at "
+                                  f"most {BDEV_IO_CTX_CAPACITY} bytes (IO_CTX_CAPACITY)")
         IoDevice.__init__(self, name)
+        self.ctx_size = ctx_size
         self.name = name
         self.block_size = block_size
         self.block_shift = block_size.bit_length() - 1
@@ -909,7 +1083,18 @@ cdef class Bdev(IoDevice):
         """Module hook: release the per-thread state (on its thread)."""
 
     def destruct(self):
-        """Module hook: free the device's resources once it is unregistered and closed."""
+        """Module hook: free the device's resources. It runs once: after `unregister()`, when
+        every descriptor is closed, every channel released and every I/O completed; the
+        module never sees a submission after it."""
+
+    def drain_timeout(self):
+        """Module hook: how many seconds `put()` of a channel waits for the I/O in flight on it
+        before what is left is aborted (`abort_channel`, then `teardown_channel`)."""
+        return DEFAULT_DRAIN_TIMEOUT_S
+
+    def abort_channel(self, BdevChannel ch):
+        """Module hook: the channel is being released and its drain deadline passed: complete
+        (aborted) what the module still holds of it, or leave it to `teardown_channel`."""
 
     def driver_specific(self):
         """Module facts for bdev_get_bdevs' "driver_specific" (JSON-friendly)."""
@@ -932,22 +1117,57 @@ cdef class Bdev(IoDevice):
 
     def destroy_channel_ctx(self, IoChannel channel):
         cdef BdevChannel ch = <BdevChannel> channel
-        # finish what is in flight first: a channel is only put when its user is done, but a
-        # module may still hold completions for it
-        cdef int spins = 0
-        while ch.outstanding and spins < 100000:
-            with nogil:
-                ch.poll()
-            spins += 1
-        _stats_add(&self._retired, &ch.counters)
-        if ch.histogram is not None:
-            if self._retired_hist is None:
-                self._retired_hist = Histogram()
-            self._retired_hist.merge(ch.histogram)
+        self._closing_channels += 1        # no destruct meanwhile (see _maybe_destruct)
         try:
+            self._release_channel(ch)
+        finally:
+            self._closing_channels -= 1
+
+    def _release_channel(self, BdevChannel ch):
+        cdef uint64_t deadline
+        cdef bint drained
+        ch.thread_ended = ch.thread.t.state != THREAD_RUNNING
+        # Finish what is in flight first: a channel is only put when its user is done, but the
+        # module may still hold I/O of it. Wait up to the module's drain timeout, polling.
+        timeout = self._drain_timeout()
+        deadline = now_us() + <uint64_t> (timeout * 1e6)
+        with nogil:
+            drained = _drain(ch, deadline)
+        try:
+            if not drained:
+                ch.aborting = True
+                log.warning("%s: channel on %s released with %d I/O(s) still outstanding after "
+                            "%.3g s: aborting them", self.name, ch.thread.name, ch.outstanding,
+                            timeout)
+                _fail_nomem_queue(ch, IO_REMOVED if self.removed else IO_ABORTED)
+                try:
+                    self.abort_channel(ch)
+                except Exception:
+                    log.exception("%s: abort_channel failed", self.name)
+                _finish_deferred(ch)
             self.teardown_channel(ch)
         finally:
+            _finish_deferred(ch)           # what the teardown completed (aborted)
+            _fail_nomem_queue(ch, IO_ABORTED)
+            _stats_add(&self._retired, &ch.counters)
+            if ch.histogram is not None:
+                if self._retired_hist is None:
+                    self._retired_hist = Histogram()
+                self._retired_hist.merge(ch.histogram)
             ch._teardown()
+
+    def _drain_timeout(self):
+        try:
+            t = float(self.drain_timeout())
+        except Exception:
+            log.exception("%s: drain_timeout() failed; waiting %g s", self.name,
+                          DEFAULT_DRAIN_TIMEOUT_S)
+            return DEFAULT_DRAIN_TIMEOUT_S
+        if not math.isfinite(t) or t < 0:
+            log.error("%s: drain_timeout() gave %r; waiting %g s", self.name, t,
+                      DEFAULT_DRAIN_TIMEOUT_S)
+            return DEFAULT_DRAIN_TIMEOUT_S
+        return t
 
     # -- registration, descriptors, claims --
     def register(self):
@@ -963,8 +1183,10 @@ cdef class Bdev(IoDevice):
         return self
 
     def unregister(self):
-        """Remove the bdev: open descriptors hear "remove" and refuse new I/O; the module's
-        `destruct` runs once the last descriptor is closed."""
+        """Remove the bdev: open descriptors hear "remove" and refuse new I/O, no new channel
+        is made, and what the layer still holds for it fails "removed". The module's `destruct`
+        runs once the last descriptor is closed and the last channel released (if a channel
+        goes last: by message on this thread, so keep polling it)."""
         with _registry_lock:
             if self.removed:
                 return
@@ -976,8 +1198,26 @@ cdef class Bdev(IoDevice):
                     del _registry[n]
         for d in list(self._descs):
             (<Descriptor> d)._notify("remove")
-        if not self._descs:
-            self._destruct()
+        if self._channels:
+            IoDevice.unregister(self, self._channels_released)
+        else:
+            IoDevice.unregister(self)
+        self._maybe_destruct()
+
+    def _channels_released(self):
+        self._maybe_destruct()
+
+    def _maybe_destruct(self):
+        """Destruct once unregistered, with no descriptor, no channel and no I/O left."""
+        if (self._destructed or not self.removed or self._descs or self._channels
+                or self._closing_channels):
+            return
+        if self._stranded:
+            log.error("bdev %s is not destructed: its module never completed %d I/O(s)",
+                      self.name, self._stranded)
+            return
+        self._destructed = True
+        self._destruct()
 
     def _destruct(self):
         try:
@@ -1003,8 +1243,7 @@ cdef class Bdev(IoDevice):
     def _closed(self, Descriptor d):
         if d in self._descs:
             self._descs.remove(d)
-        if self.removed and not self._descs:
-            self._destruct()
+        self._maybe_destruct()
 
     def claim(self, owner, Descriptor desc=None):
         """Claim the bdev for `owner` (a module or virtual bdev): nobody else may open it for
@@ -1095,7 +1334,21 @@ _ERRNO_TEXT = {EBADF: "the descriptor is closed", ENODEV: "the bdev was removed"
                        "match the length)",
                EACCES: "the descriptor is read-only (open it with write=True)",
                EOPNOTSUPP: "the bdev does not support this I/O type",
-               ERANGE: "the range is outside the bdev", ENOMEM: "no free I/O object"}
+               ERANGE: "the range is outside the bdev", ENOMEM: "no free I/O object",
+               ESHUTDOWN: "the channel was released"}
+
+
+def _io_type(io_type):
+    """The BDEV_IO_* code of `io_type` (a name, or a code)."""
+    if isinstance(io_type, str):
+        t = IO_TYPES.get(io_type)
+    elif isinstance(io_type, int) and io_type in IO_TYPE_NAMES:
+        t = io_type
+    else:
+        t = None
+    if t is None:
+        raise InvalidArgument(f"unknown I/O type {io_type!r}; known: {', '.join(IO_TYPES)}")
+    return t
 
 
 def _need_channel(ch):
@@ -1165,6 +1418,14 @@ cdef class Descriptor:
         if rc == ENXIO:
             raise BdevRemoved(f"{what} on {name}: the device behind the bdev failed or was "
                               "removed", name)
+        if rc == ESHUTDOWN:
+            if ch is not None and ch.thread_ended:
+                raise ChannelReleased(
+                    f"{what} on {name}: the channel was released when its thread "
+                    f"{ch.thread.name!r} was destroyed (Thread.destroy()); take a channel on a "
+                    "live thread", name)
+            raise ChannelReleased(f"{what} on {name}: the channel was released (put()); take a "
+                                  "new one with desc.get_io_channel()", name)
         if rc == ENOMEM:
             raise ResourceExhausted(f"{what} on {name}: no free I/O object on this channel "
                                     f"({ch.nios if ch is not None else '?'} in use); poll first")
@@ -1180,15 +1441,18 @@ cdef class Descriptor:
             self._raise(rc, t, c)
         io = bdev_get_io(c)
         if io == NULL:
-            self._raise(-ENOMEM, t, c)
+            self._raise(bdev_no_io(c), t, c)
         bdev_io_prepare(io, t, offset_blocks, num_blocks, NULL, NULL)
         return io
 
-    def submit(self, ch, io_type, buf, uint64_t offset_blocks, uint64_t num_blocks, cb=None):
+    def submit(self, ch, io_type, buf, offset_blocks, num_blocks, cb=None):
         """Submit one I/O in blocks: `io_type` is a name (read, write, write_zeroes, unmap,
         flush, reset, compare); `buf` any buffer object (read: writable) or None; `cb(success,
         status)` runs from the channel's thread's poll."""
-        cdef uint8_t t
+        return self._submit(ch, _io_type(io_type), buf, _u64(offset_blocks, "offset_blocks"),
+                            _u64(num_blocks, "num_blocks"), cb)
+
+    cdef _submit(self, ch, uint8_t t, buf, uint64_t offset_blocks, uint64_t num_blocks, cb):
         cdef BdevChannel c
         cdef bdev_io* io
         cdef Py_buffer view
@@ -1197,11 +1461,6 @@ cdef class Descriptor:
         cdef uint64_t need
         _need_channel(ch)
         c = <BdevChannel> ch
-        try:
-            t = IO_TYPES[io_type] if not isinstance(io_type, int) else io_type
-        except KeyError:
-            raise InvalidArgument(f"unknown I/O type {io_type!r}; known: "
-                                  f"{', '.join(IO_TYPES)}") from None
         if cb is not None and not callable(cb):
             raise InvalidArgument(f"cb must be callable, not {cb!r}")
         io = self._take_io(c, t, offset_blocks, num_blocks)
@@ -1260,7 +1519,7 @@ cdef class Descriptor:
             bdev_put_io(c, io)
             self._raise(rc, t, c)
 
-    def submitv(self, ch, io_type, buffers, uint64_t offset_blocks, cb=None):
+    def submitv(self, ch, io_type, buffers, offset_blocks, cb=None):
         """Vectored read/write/compare: `buffers` is a list of buffer objects (DmaBuffers or
         any contiguous buffers); their lengths add up to whole blocks."""
         cdef uint8_t t
@@ -1271,7 +1530,8 @@ cdef class Descriptor:
         cdef int rc
         _need_channel(ch)
         c = <BdevChannel> ch
-        t = IO_TYPES.get(io_type, 0) if not isinstance(io_type, int) else io_type
+        t = _io_type(io_type)
+        offset_blocks = _u64(offset_blocks, "offset_blocks")
         if not (_DATA_TYPES >> t) & 1:
             raise InvalidArgument(f"vectored I/O is read, write or compare, not {io_type!r}")
         if cb is not None and not callable(cb):
@@ -1323,8 +1583,10 @@ cdef class Descriptor:
             self._raise(rc, t, c)
 
     # -- convenience, in blocks and in bytes --
-    def _blocks(self, uint64_t offset, uint64_t nbytes):
+    def _blocks(self, offset, nbytes):
         cdef uint32_t bs = self.bdev.block_size
+        offset = _u64(offset, "offset")
+        nbytes = _u64(nbytes, "nbytes")
         if offset % bs or nbytes % bs:
             raise InvalidArgument(f"offset {offset} and length {nbytes} must be multiples of "
                                   f"the block size {bs} of {self.bdev.name}")
@@ -1338,62 +1600,71 @@ cdef class Descriptor:
         return len(buf) if isinstance(buf, DmaBuffer) else memoryview(buf).nbytes
 
     def read_blocks(self, ch, buf, offset_blocks, num_blocks, cb=None):
-        self.submit(ch, BDEV_IO_READ, buf, offset_blocks, num_blocks, cb)
+        self._submit(ch, BDEV_IO_READ, buf, _u64(offset_blocks, "offset_blocks"),
+                     _u64(num_blocks, "num_blocks"), cb)
 
     def write_blocks(self, ch, buf, offset_blocks, num_blocks, cb=None):
-        self.submit(ch, BDEV_IO_WRITE, buf, offset_blocks, num_blocks, cb)
+        self._submit(ch, BDEV_IO_WRITE, buf, _u64(offset_blocks, "offset_blocks"),
+                     _u64(num_blocks, "num_blocks"), cb)
 
     def compare_blocks(self, ch, buf, offset_blocks, num_blocks, cb=None):
-        self.submit(ch, BDEV_IO_COMPARE, buf, offset_blocks, num_blocks, cb)
+        self._submit(ch, BDEV_IO_COMPARE, buf, _u64(offset_blocks, "offset_blocks"),
+                     _u64(num_blocks, "num_blocks"), cb)
 
     def write_zeroes_blocks(self, ch, offset_blocks, num_blocks, cb=None):
-        self.submit(ch, BDEV_IO_WRITE_ZEROES, None, offset_blocks, num_blocks, cb)
+        self._submit(ch, BDEV_IO_WRITE_ZEROES, None, _u64(offset_blocks, "offset_blocks"),
+                     _u64(num_blocks, "num_blocks"), cb)
 
     def unmap_blocks(self, ch, offset_blocks, num_blocks, cb=None):
-        self.submit(ch, BDEV_IO_UNMAP, None, offset_blocks, num_blocks, cb)
+        self._submit(ch, BDEV_IO_UNMAP, None, _u64(offset_blocks, "offset_blocks"),
+                     _u64(num_blocks, "num_blocks"), cb)
 
-    def read(self, ch, buf, uint64_t offset, nbytes=None, cb=None):
+    def read(self, ch, buf, offset, nbytes=None, cb=None):
         """Read `nbytes` (default: the buffer's length) at byte `offset` into `buf`."""
         b, n = self._blocks(offset, self._len(buf, nbytes))
-        self.submit(ch, BDEV_IO_READ, buf, b, n, cb)
+        self._submit(ch, BDEV_IO_READ, buf, b, n, cb)
 
-    def write(self, ch, buf, uint64_t offset, nbytes=None, cb=None):
+    def write(self, ch, buf, offset, nbytes=None, cb=None):
         b, n = self._blocks(offset, self._len(buf, nbytes))
-        self.submit(ch, BDEV_IO_WRITE, buf, b, n, cb)
+        self._submit(ch, BDEV_IO_WRITE, buf, b, n, cb)
 
-    def compare(self, ch, buf, uint64_t offset, nbytes=None, cb=None):
+    def compare(self, ch, buf, offset, nbytes=None, cb=None):
         b, n = self._blocks(offset, self._len(buf, nbytes))
-        self.submit(ch, BDEV_IO_COMPARE, buf, b, n, cb)
+        self._submit(ch, BDEV_IO_COMPARE, buf, b, n, cb)
 
-    def readv(self, ch, buffers, uint64_t offset, cb=None):
+    def readv(self, ch, buffers, offset, cb=None):
+        offset = _u64(offset, "offset")
         if offset % self.bdev.block_size:
             raise InvalidArgument(f"offset {offset} is not a multiple of the block size")
         self.submitv(ch, BDEV_IO_READ, buffers, offset // self.bdev.block_size, cb)
 
-    def writev(self, ch, buffers, uint64_t offset, cb=None):
+    def writev(self, ch, buffers, offset, cb=None):
+        offset = _u64(offset, "offset")
         if offset % self.bdev.block_size:
             raise InvalidArgument(f"offset {offset} is not a multiple of the block size")
         self.submitv(ch, BDEV_IO_WRITE, buffers, offset // self.bdev.block_size, cb)
 
-    def write_zeroes(self, ch, uint64_t offset, uint64_t nbytes, cb=None):
+    def write_zeroes(self, ch, offset, nbytes, cb=None):
         b, n = self._blocks(offset, nbytes)
-        self.submit(ch, BDEV_IO_WRITE_ZEROES, None, b, n, cb)
+        self._submit(ch, BDEV_IO_WRITE_ZEROES, None, b, n, cb)
 
-    def unmap(self, ch, uint64_t offset, uint64_t nbytes, cb=None):
+    def unmap(self, ch, offset, nbytes, cb=None):
         b, n = self._blocks(offset, nbytes)
-        self.submit(ch, BDEV_IO_UNMAP, None, b, n, cb)
+        self._submit(ch, BDEV_IO_UNMAP, None, b, n, cb)
 
-    def flush(self, ch, cb=None, uint64_t offset=0, nbytes=None):
+    def flush(self, ch, cb=None, offset=0, nbytes=None):
+        """Flush the whole bdev, or `nbytes` at byte `offset` (inside the bdev, not empty)."""
         if nbytes is None:
-            self.submit(ch, BDEV_IO_FLUSH, None, 0, self.bdev.num_blocks, cb)
+            _u64(offset, "offset")
+            self._submit(ch, BDEV_IO_FLUSH, None, 0, self.bdev.num_blocks, cb)
         else:
             b, n = self._blocks(offset, nbytes)
-            self.submit(ch, BDEV_IO_FLUSH, None, b, n, cb)
+            self._submit(ch, BDEV_IO_FLUSH, None, b, n, cb)
 
     def reset(self, ch, cb=None):
         """Reset the device (NVMe: a controller reset). I/O in flight completes, possibly with
         an aborted status; the reset completes after it."""
-        self.submit(ch, BDEV_IO_RESET, None, 0, 0, cb)
+        self._submit(ch, BDEV_IO_RESET, None, 0, 0, cb)
 
     # -- blocking helpers --
     def wait(self, ch, submit, timeout=60.0):
@@ -1440,65 +1711,297 @@ cdef class Descriptor:
 
 
 # ---- modules written in Python ------------------------------------------------------------------
+cdef char* _FORMAT_BYTES = b"B"
+_STATUS_CODES = {v: k for k, v in STATUS_NAMES.items()}
+
+
+cdef class _Segment:
+    """One payload segment, exported (buffer protocol) to a Python module: the memory at `ptr`,
+    `length` bytes, and `keep`, what owns that memory. Every view of it - the one PyIo hands
+    out and any derived from it - keeps the segment, hence `keep`, alive."""
+    cdef char* ptr
+    cdef Py_ssize_t length
+    cdef object keep
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        self.shape[0] = self.length
+        self.strides[0] = 1
+        view.buf = self.ptr
+        view.obj = self
+        view.len = self.length
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = _FORMAT_BYTES if flags & PyBUF_FORMAT else NULL
+        view.ndim = 1
+        view.shape = self.shape if flags & PyBUF_ND else NULL
+        view.strides = self.strides if flags & PyBUF_STRIDES == PyBUF_STRIDES else NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+
+cdef object _segment_view(char* ptr, Py_ssize_t length, object keep):
+    cdef _Segment seg = _Segment.__new__(_Segment)
+    seg.ptr = ptr
+    seg.length = length
+    seg.keep = keep
+    return memoryview(seg)
+
+
+cdef object _payload_owner(bdev_io* io):
+    """The Python object whose memory `io`'s segments point into, or None when no Python
+    object owns it (the C path: a C caller's memory, which nothing here can pin)."""
+    cdef bdev_io* root = io.parent if io.flags & IOF_CHILD else io
+    if io.flags & IOF_BOUNCE:
+        return <object> io.bounce_ref
+    if root.flags & IOF_EMULATED:
+        return _zero_buf
+    if root.flags & IOF_BOUNCE:
+        return <object> root.bounce_ref
+    if root.flags & IOF_PY and root.py_ref != NULL:
+        return <object> root.py_ref
+    return None
+
+
+cdef object _pinned(object owner):
+    """What holds `owner`'s memory alive and in place while a view of it lives: an export of
+    it (a DmaBuffer then refuses free(), a bytearray refuses to resize). A memoryview (what the
+    layer keeps of other buffers) already holds one on its object."""
+    if isinstance(owner, DmaBuffer):
+        return memoryview(owner)
+    if isinstance(owner, list):
+        return tuple([_pinned(o) for o in owner])
+    return owner
+
+
 cdef class PyIo:
-    """A pending I/O as a Python module sees it. Call `complete(status)` exactly once."""
+    """A pending I/O as a Python module sees it. Call `complete(status)` exactly once, from the
+    channel's thread (another OS thread gets WrongThreadError; a second call, or a call after
+    the I/O was aborted or handed back to the layer, gets IoCompletedError).
+
+    `buffers()` gives writable memoryviews of the payload; they are released (stop working)
+    when the I/O completes. A view derived from one (a slice, numpy.frombuffer) outlives the
+    I/O but can never reach freed memory: it keeps alive what it shows - the caller's buffer,
+    exported (a DmaBuffer refuses free(), a bytearray refuses to resize) until the last such
+    view is released; or, for I/O from the C path (no Python object owns the caller's memory),
+    a staging copy the layer made for the module (copied back for a read when it completes)."""
     cdef bdev_io* io
     cdef readonly BdevChannel channel
+    cdef readonly bint is_retry           # the layer handed this I/O to the module before
+    cdef uint8_t _type
+    cdef uint32_t _index
+    cdef uint64_t _offset
+    cdef uint64_t _num
+    cdef list _views
+    cdef DmaBuffer _staging
+    cdef str _ended
 
     @property
     def type(self):
-        return IO_TYPE_NAMES[self.io.type]
+        return IO_TYPE_NAMES[self._type]
 
     @property
     def offset_blocks(self):
-        return self.io.offset_blocks
+        return self._offset
 
     @property
     def num_blocks(self):
-        return self.io.num_blocks
+        return self._num
+
+    @property
+    def bdev(self):
+        return self.channel.bdev
+
+    @property
+    def pending(self):
+        """Is the I/O still the module's to complete?"""
+        return self.io != NULL
 
     def buffers(self):
-        """Writable memoryviews of the payload segments."""
+        """Writable memoryviews of the payload segments (see the class for how long they
+        work and what a view derived from one keeps alive)."""
+        cdef bdev_io* io = self.io
         cdef uint32_t i
-        if self.io == NULL:
-            raise BdevError("this I/O is already complete")
-        return [PyMemoryView_FromMemory(<char*> self.io.iovs[i].iov_base,
-                                        self.io.iovs[i].iov_len, 0x200)     # PyBUF_WRITE
-                for i in range(self.io.iovcnt)]
+        cdef char* base
+        cdef uint64_t off = 0
+        if io == NULL:
+            self._raise_ended("buffers()")
+        if io.iovcnt == 0 or not (_DATA_TYPES >> io.type) & 1:
+            return []
+        owner = _payload_owner(io)
+        if owner is None:
+            if self._staging is None:
+                self._staging = _stage(io)
+            base = self._staging.data()
+            views = []
+            for i in range(io.iovcnt):
+                views.append(_segment_view(base + off, io.iovs[i].iov_len, self._staging))
+                off += io.iovs[i].iov_len
+        else:
+            keep = _pinned(owner)
+            views = [_segment_view(<char*> io.iovs[i].iov_base, io.iovs[i].iov_len, keep)
+                     for i in range(io.iovcnt)]
+        if self._views is None:
+            self._views = []
+        self._views.extend(views)
+        return views
 
     def complete(self, status="success"):
-        """`status`: "success", "failed", "nomem", "miscompare" or "aborted"."""
-        if self.io == NULL:
-            raise BdevError("this I/O was already completed")
-        codes = {v: k for k, v in STATUS_NAMES.items()}
-        if status not in codes:
-            raise InvalidArgument(f"unknown status {status!r}")
+        """`status`: "success", "failed", "nomem" (the layer retries it later), "miscompare"
+        or "aborted"."""
         cdef bdev_io* io = self.io
+        cdef int code
+        if io == NULL:
+            self._raise_ended("complete()")
+        if not self.channel.on_owner():
+            raise WrongThreadError(
+                f"complete() of a {self.type} I/O of {self.channel.bdev.name} from OS thread "
+                f"{threading.current_thread().name!r}: the I/O belongs to thread "
+                f"{self.channel.thread.name!r} (complete it there, e.g. by thread.send())")
+        code = _STATUS_CODES.get(status, IO_PENDING) if isinstance(status, str) else IO_PENDING
+        if code == IO_PENDING:
+            raise InvalidArgument(f"unknown status {status!r}; known: "
+                                  f"{', '.join(_STATUS_CODES)}")
+        if self._staging is not None and code == IO_SUCCESS and io.type == BDEV_IO_READ:
+            _unstage(io, self._staging)
+        self._end("completed")
+        bdev_io_complete(io, <uint8_t> code)
+
+    cdef _end(self, str why):
+        """The I/O is no longer the module's: forget it, and release the views handed out."""
+        cdef dict held = self.channel.py_held
         self.io = NULL
-        bdev_io_complete(io, codes[status])
+        self._ended = why
+        if held is not None and held.get(self._index) is self:
+            del held[self._index]
+        if self._views is not None:
+            for v in self._views:
+                try:
+                    v.release()
+                except BufferError:     # something holds an export of it: it stays valid,
+                    pass                # and keeps the memory it shows alive (see the class)
+            self._views = None
+
+    cdef _abort(self):
+        cdef bdev_io* io = self.io
+        if io == NULL:
+            return
+        self._end("aborted when its channel was released")
+        bdev_io_complete(io, IO_ABORTED)
+
+    def _raise_ended(self, what):
+        raise IoCompletedError(f"{what}: this {self.type} I/O of {self.channel.bdev.name} at "
+                               f"block {self._offset}+{self._num} was already {self._ended}",
+                               self.channel.bdev.name)
+
+    def __repr__(self):
+        state = "pending" if self.io != NULL else self._ended
+        return (f"<PyIo {self.type} {self._offset}+{self._num} of {self.channel.bdev.name} "
+                f"{state}{' retry' if self.is_retry else ''}>")
+
+
+cdef DmaBuffer _stage(bdev_io* io):
+    """A copy of `io`'s payload for a Python module (the C path), aligned as the bdev asks."""
+    cdef Bdev b = <Bdev> io.bdev
+    cdef uint64_t nbytes = 0
+    cdef uint32_t i
+    cdef char* dst
+    for i in range(io.iovcnt):
+        nbytes += io.iovs[i].iov_len
+    cdef DmaBuffer buf = _memory.allocate(max(nbytes, 1), max(4096, b.required_alignment))
+    if io.type != BDEV_IO_READ:
+        dst = buf.data()
+        for i in range(io.iovcnt):
+            memcpy(dst, io.iovs[i].iov_base, io.iovs[i].iov_len)
+            dst += io.iovs[i].iov_len
+    return buf
+
+
+cdef void _unstage(bdev_io* io, DmaBuffer buf):
+    cdef uint32_t i
+    cdef char* src = buf.data()
+    for i in range(io.iovcnt):
+        memcpy(io.iovs[i].iov_base, src, io.iovs[i].iov_len)
+        src += io.iovs[i].iov_len
+
+
+cdef int _submit_result(str name, object r):
+    """What PyBdev.submit's return value means: 0 (accepted), a negative errno (refused), or,
+    for anything else, -EIO with the module's mistake logged."""
+    if r is None:
+        return 0
+    if not isinstance(r, bool):
+        try:
+            v = operator.index(r)
+        except Exception:
+            v = None
+        if v is not None and -4096 < v <= 0:
+            return v
+    log.error("%s: submit() returned %r; it must return None or 0 (accepted: the module "
+              "completes the I/O) or a negative errno (refused): the I/O fails", name, r)
+    return -EIO
 
 
 cdef class PyBdev(Bdev):
-    """Base of bdevs whose module is written in Python: override `submit(io)` (a PyIo) and
-    complete each I/O exactly once with `io.complete(...)` (now or later, from the channel's
-    thread). Slower than a Cython module - a Python call per I/O - but the same contract."""
+    """Base of bdevs whose module is written in Python: override `submit(io)` (a PyIo).
+
+    The contract: `submit` returns None or 0 - the I/O is accepted, complete it exactly once
+    with `io.complete(...)`, now or later, from the channel's thread - or a negative errno - it
+    is refused: -ENOMEM has the layer retry it later (with a new PyIo, `is_retry` set), others
+    fail it; the PyIo is then no longer the module's. An exception from `submit`, or any other
+    return value, fails the I/O with the module's mistake logged. What the module still holds
+    when its channel is `put()` is aborted, once (the layer does not wait for a Python module:
+    `drain_timeout` is 0). Slower than a Cython module - a Python call per I/O - but the same
+    guarantee: every accepted I/O completes exactly once."""
+
+    def drain_timeout(self):
+        return 0.0
+
+    def abort_channel(self, BdevChannel ch):
+        held = ch.py_held
+        if not held:
+            return
+        log.error("%s: the module still held %d I/O(s) when its channel on %s was released: "
+                  "aborted", self.name, len(held), ch.thread.name)
+        for p in list(held.values()):
+            (<PyIo> p)._abort()
+        ch.py_held = None
 
     cdef int submit_request(self, BdevChannel ch, bdev_io* io) noexcept nogil:
         with gil:
             return self._py_submit(ch, io)
 
-    cdef int _py_submit(self, BdevChannel ch, bdev_io* io):
+    cdef int _py_submit(self, BdevChannel ch, bdev_io* io) noexcept:
         cdef PyIo p = PyIo.__new__(PyIo)
+        cdef int rc
         p.io = io
         p.channel = ch
+        p.is_retry = bdev_io_is_retry(io)
+        p._type = io.type
+        p._index = io.index
+        p._offset = io.offset_blocks
+        p._num = io.num_blocks
         try:
             r = self.submit(p)
         except MemoryError:
-            return -ENOMEM
+            rc = -ENOMEM
         except BaseException:
-            log.exception("%s: submit raised; the I/O fails", self.name)
-            return -EINVAL
-        return 0 if r is None else int(r)
+            log.exception("%s: submit() raised; the I/O fails", self.name)
+            rc = -EIO
+        else:
+            rc = _submit_result(self.name, r)
+        if p.io != NULL:
+            if rc == 0:
+                if ch.py_held is None:
+                    ch.py_held = {}
+                ch.py_held[io.index] = p
+            else:
+                p._end("handed back to the layer (submit() refused it)")
+        return rc
 
     def submit(self, io):
         raise NotImplementedError("PyBdev subclasses implement submit(io)")

@@ -5,7 +5,8 @@ completion callback as an `IoStatus`, and the blocking helpers raise `IoError` c
 """
 import os
 
-from env.errors import InvalidArgument, ResourceExhausted, UserblkError, WrongThreadError  # noqa: F401
+from env.errors import (InvalidArgument, ResourceExhausted, ThreadError, UserblkError,  # noqa: F401
+                        WrongThreadError)
 
 
 class BdevError(UserblkError):
@@ -43,6 +44,15 @@ class ReadOnlyDescriptor(BdevError, PermissionError):
 
 class UnsupportedIoType(BdevError, InvalidArgument):
     """The bdev does not support this I/O type (see Bdev.io_types)."""
+
+
+class ChannelReleased(BdevError, ThreadError):
+    """I/O on a channel that was released: by `put()`, or when its thread was destroyed."""
+
+
+class IoCompletedError(BdevError):
+    """A Python module completed an I/O (PyIo) that is no longer its own: completed already,
+    handed back to the layer by submit's return value, or aborted when its channel was put."""
 
 
 class IoError(BdevError):

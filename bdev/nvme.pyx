@@ -57,7 +57,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from bdev.core cimport (BDEV_IO_COMPARE, BDEV_IO_FLUSH, BDEV_IO_READ, BDEV_IO_RESET,
                         BDEV_IO_UNMAP, BDEV_IO_WRITE, BDEV_IO_WRITE_ZEROES, Bdev, BdevChannel,
                         IO_FAILED, IO_NOMEM, IO_SUCCESS, bdev_io, bdev_io_complete,
-                        bdev_io_nvme_cpl)
+                        bdev_io_ctx, bdev_io_nvme_cpl)
 from env.memory cimport Pool
 from env.thread cimport IoChannel, IoDevice, thread_send
 from libc.stdlib cimport calloc, free
@@ -95,6 +95,10 @@ cdef packed struct dsm_range:          # Dataset Management range (NVM spec, fig
     uint32_t attributes
     uint32_t length                    # in logical blocks
     uint64_t slba
+
+cdef struct nvme_io_ctx:               # the module's per-I/O context (bdev_io_ctx)
+    uint64_t dsm_sent                  # unmap: blocks already sent in Dataset Management
+                                       # commands (0 when the module first sees the I/O)
 
 cdef struct dsm_slot:                  # one Dataset Management command in flight
     bdev_io* io
@@ -238,6 +242,7 @@ cdef class NvmeController(IoDevice):
             noiob = ns.data.noiob
             b = NvmeBdev(f"{self.name}n{nsid}", block_size=ns.block_size, num_blocks=ns.nblocks,
                          module="nvme", io_types=io_types, uuid=self._namespace_uuid(ns),
+                         ctx_size=sizeof(nvme_io_ctx),
                          max_transfer_blocks=min(max_bytes >> ns.lba_shift, MAX_NLB),
                          required_alignment=4, dma_required=True, product_name="NVMe disk",
                          optimal_io_boundary=noiob, split_on_optimal_io_boundary=bool(noiob))
@@ -473,6 +478,12 @@ cdef class NvmeBdev(Bdev):
     def destruct(self):
         self.controller._bdev_destructed(self)
 
+    def drain_timeout(self):
+        """put() waits for I/O in flight up to the controller's I/O timeout (the default one
+        when timeouts are off); what is left then is aborted by deleting the queue pair."""
+        t = self.controller.ctrlr.options.io_timeout_s
+        return t if t and t > 0 else Bdev.drain_timeout(self)
+
     def config_json(self):
         """The controller's bdev_nvme_attach_controller entry, given by its first namespace's
         bdev only (one entry recreates every namespace)."""
@@ -555,10 +566,7 @@ cdef int _submit_other(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
                                <uint32_t> io.num_blocks, b.block_shift, NULL, 0, 0, _io_done,
                                <void*> io)
     elif io.type == BDEV_IO_UNMAP:
-        if not io.driver_ctx[1]:         # first submission (a NOMEM retry continues)
-            io.driver_ctx[0] = io.offset_blocks
-            io.driver_ctx[1] = 1
-        rc = _submit_dsm(b, q, io)
+        rc = _submit_dsm(b, q, io)       # (a retry continues where the last command ended)
     elif io.type == BDEV_IO_FLUSH:
         if not b.vwc:
             bdev_io_complete(io, IO_SUCCESS)     # no volatile write cache: nothing to flush
@@ -592,8 +600,9 @@ cdef int _submit_flush(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
 
 cdef int _submit_dsm(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
     """One Dataset Management - Deallocate command for the next (up to 256) ranges of `io`,
-    from block io.driver_ctx[0]. The rest goes when it completes."""
-    cdef uint64_t next_lba = io.driver_ctx[0]
+    after the blocks its context says were sent. The rest goes when it completes."""
+    cdef nvme_io_ctx* ctx = <nvme_io_ctx*> bdev_io_ctx(io)
+    cdef uint64_t next_lba = io.offset_blocks + ctx.dsm_sent
     cdef uint64_t end = io.offset_blocks + io.num_blocks
     cdef uint64_t n
     cdef uint32_t nr = 0
@@ -635,7 +644,7 @@ cdef int _submit_dsm(NvmeBdev b, _QpairChannel q, bdev_io* io) noexcept nogil:
         q.qpair.free_request(req)
         q.dsm_pages.put(page)
         return rc
-    io.driver_ctx[0] = next_lba
+    ctx.dsm_sent = next_lba - io.offset_blocks
     return 0
 
 
@@ -644,7 +653,8 @@ cdef void _dsm_done(void* arg, const nvme_cqe* cpl) noexcept nogil:
     cdef bdev_io* io = slot.io
     cdef int rc
     (<_QpairChannel> slot.qch).dsm_pages.put(slot.page)
-    if (cpl.status >> 1) & 0x7FF == 0 and io.driver_ctx[0] < io.offset_blocks + io.num_blocks:
+    if ((cpl.status >> 1) & 0x7FF == 0
+            and (<nvme_io_ctx*> bdev_io_ctx(io)).dsm_sent < io.num_blocks):
         # more than 256 ranges: the next command (deallocating twice is harmless, so a NOMEM
         # retry of the rest is safe)
         rc = _submit_dsm(<NvmeBdev> io.bdev, <_QpairChannel> slot.qch, io)

@@ -5,7 +5,9 @@ over disjoint block ranges, submits each batch at once, polls until everything c
 checks every read and compare against a bytearray model, then the whole device. The stacks
 exercise the layer's machinery: a malloc bdev, and a Python module with a small maximum transfer,
 an optimal I/O boundary, a required alignment (bounce), refusals for lack of resources (NOMEM
-retry) and completions delivered late.
+retry) and completions delivered late. On the Python module it also checks what reached it: each
+I/O split exactly as the rules say (the largest child the maximum transfer and the boundary
+allow, unmaps not limited by the maximum transfer) and every buffer aligned.
 """
 import random
 
@@ -19,6 +21,9 @@ from tests.bdev.helpers import Completions, RecordingBdev, poll_until
 
 BLOCKS = 256
 BS = 512
+MAX_TRANSFER = 5
+BOUNDARY = 8
+ALIGN = 64
 
 ops = st.lists(
     st.tuples(st.sampled_from(["write", "read", "write_zeroes", "unmap", "compare",
@@ -47,8 +52,9 @@ class Stack:
             self.b = malloc.create("ModelMalloc", num_blocks=BLOCKS, block_size=BS)
         else:
             self.b = RecordingBdev("ModelRec", num_blocks=BLOCKS, block_size=BS,
-                                   max_transfer_blocks=5, optimal_io_boundary=8,
-                                   split_on_optimal_io_boundary=True, required_alignment=64,
+                                   max_transfer_blocks=MAX_TRANSFER,
+                                   optimal_io_boundary=BOUNDARY,
+                                   split_on_optimal_io_boundary=True, required_alignment=ALIGN,
                                    nomem=3, defer=(kind == "deferred")).register()
         self.desc = bdev.open_bdev(self.b.name, write=True)
         self.ch = self.desc.get_io_channel()
@@ -59,7 +65,22 @@ class Stack:
         self.desc.close()
         self.b.unregister()
 
+    def check_split(self, submitted, since):
+        """What reached the module since request number `since` is exactly the children the
+        split rules make of the I/Os `submitted` ((type, offset, blocks) each)."""
+        if self.kind == "malloc":
+            return
+        want = sorted(child for io in submitted for child in children(*io))
+        assert sorted(self.b.requests[since[0]:]) == want
+        assert all(a % ALIGN == 0 for a in self.b.addresses[since[1]:])
+
+    def mark(self):
+        return (len(self.b.requests), len(self.b.addresses)) if self.kind != "malloc" else None
+
     def run_batch(self, batch):
+        since = self.mark()
+        submitted = [({"writev": "write", "readv": "read"}.get(kind, kind), off, n)
+                     for kind, off, n, _ in batch]
         c = Completions()
         reads = {}
         expect_cmp = {}
@@ -113,6 +134,22 @@ class Stack:
         for i, (bufs, want) in reads.items():
             assert b"".join(bytes(b) for b in bufs) == want
         assert self.ch.outstanding == 0
+        self.check_split(submitted, since)
+
+
+def children(io_type, off, n):
+    """The children the layer makes of an I/O on the module: each as long as the maximum
+    transfer (not for unmap) and the next boundary allow."""
+    out = []
+    end = off + n
+    while off < end:
+        k = end - off
+        if io_type != "unmap":
+            k = min(k, MAX_TRANSFER)
+        k = min(k, BOUNDARY - off % BOUNDARY)
+        out.append((io_type, off, k))
+        off += k
+    return out
 
 
 @pytest.mark.parametrize("kind", ["malloc", "recording", "deferred"])
@@ -125,8 +162,10 @@ def test_stack_matches_a_byte_array(kind, batches):
             s.run_batch(disjoint(batch))
         whole = bytearray(BLOCKS * BS)
         done = []
+        since = s.mark()
         s.desc.read(s.ch, whole, 0, cb=lambda ok, st: done.append(ok))
         poll_until(lambda: (s.b.release() if s.kind == "deferred" else None) or done)
         assert done == [True] and whole == s.model
+        s.check_split([("read", 0, BLOCKS)], since)
     finally:
         s.close()

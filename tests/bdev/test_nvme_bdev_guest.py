@@ -133,6 +133,19 @@ def test_write_zeroes_unmap_flush(o, kernel_view):
     assert r[192 * KiB:] == b"\xab" * 64 * KiB
 
 
+def test_two_unmaps_in_a_row_deallocate_only_their_ranges(o, kernel_view):
+    """The second unmap reuses the first one's I/O object: it must start from its own range."""
+    base = 512 * 40000
+    o.desc.write_sync(o.ch, dma(b"\xcd" * 64 * KiB), base, 64 * KiB)
+    o.desc.unmap_sync(o.ch, base, 4 * KiB)
+    o.desc.unmap_sync(o.ch, base + 60 * KiB, 4 * KiB)
+    r = bytearray(64 * KiB)
+    o.desc.read_sync(o.ch, r, base)
+    assert r[4 * KiB:60 * KiB] == b"\xcd" * 56 * KiB    # between the two ranges: untouched
+    if kernel_view["ns"]["dlfeat"] & 0x7 == 1:
+        assert r[:4 * KiB] == bytes(4 * KiB) and r[60 * KiB:] == bytes(4 * KiB)
+
+
 def test_compare_and_miscompare(o):
     data = pattern(16 * KiB, 9)
     o.desc.write_sync(o.ch, data, 512 * 40000)
