@@ -21,7 +21,7 @@ Kinds: malloc, malloc-split (optimal I/O boundary 1, split on it: every I/O spli
 null, aio (a temporary file), nvme (nvme.emu controller with a small MDTS, so I/O splits, and
 fault rules), py (a RAM disk in Python with a small max transfer, an I/O boundary and an alignment
 that bounces), py-late (completes from a poller, in random order, and refuses with -ENOMEM now and
-then).
+then), py-bad (the same, breaking the module contract now and then).
 """
 import os
 import random
@@ -31,7 +31,7 @@ import bdev
 from bdev.core import PyBdev
 from env.thread import current_thread
 
-KINDS = ("malloc", "malloc-split", "null", "aio", "nvme", "py", "py-late")
+KINDS = ("malloc", "malloc-split", "null", "aio", "nvme", "py", "py-late", "py-bad")
 NUM_BLOCKS = 128
 BLOCK_SIZE = 512
 ENOMEM = 12
@@ -43,7 +43,8 @@ class FuzzRamDisk(PyBdev):
     refusing a submission with -ENOMEM (the layer queues it and retries). Every choice comes from
     `seed`, so an example replays."""
 
-    def __init__(self, name, num_blocks, block_size, *, seed, late=False, nomem=0.0, **kw):
+    def __init__(self, name, num_blocks, block_size, *, seed, late=False, nomem=0.0,
+                 misbehave=0.0, **kw):
         super().__init__(name, block_size=block_size, num_blocks=num_blocks, module="fuzzram",
                          io_types=("read", "write", "write_zeroes", "unmap", "flush", "reset",
                                    "compare"), **kw)
@@ -51,11 +52,14 @@ class FuzzRamDisk(PyBdev):
         self.rnd = random.Random(seed)
         self.late = late
         self.nomem = nomem
+        self.misbehave = misbehave      # probability of breaking the module contract
+        self.kept_views = []
         self.pending = []               # [io, polls left]
         self.destructed = 0
         self.submitted_after_destruct = 0
+        self.contract_errors = []
         self.poller = None
-        if late:
+        if late or misbehave:
             self.poller = current_thread().register_poller(self._poll, 0,
                                                            name=f"fuzzram:{name}")
 
@@ -64,6 +68,8 @@ class FuzzRamDisk(PyBdev):
             self.submitted_after_destruct += 1
         if self.nomem and self.rnd.random() < self.nomem:
             return -ENOMEM
+        if self.misbehave and self.rnd.random() < self.misbehave:
+            return self._misbehave(io)
         if io.type == "reset" and self.pending:
             # a reset completes after everything accepted before it
             self.pending.append([io, max(p[1] for p in self.pending) + 1])
@@ -74,7 +80,56 @@ class FuzzRamDisk(PyBdev):
         self._execute(io)
         return 0
 
+    def _misbehave(self, io):
+        """Break the module contract in one of the ways a Python module can; the layer must
+        still complete the I/O exactly once (issue 18, item 5)."""
+        from tests.fuzz.known_bugs import present
+        ways = ["raise", "eio", "complete_then_eio", "complete_twice", "none"]
+        if not present("pybdev_submit_garbage"):
+            ways.append("garbage")
+        if not present("pybdev_views_outlive_io"):
+            ways.append("keep_views")
+        way = self.rnd.choice(ways)
+        if way == "raise":
+            raise RuntimeError("a module bug")
+        if way == "eio":
+            return -5
+        if way == "garbage":
+            return "not an errno"
+        if way == "none":
+            self._execute(io)
+            return None
+        if way == "keep_views":
+            views = io.buffers() if io.type in ("read", "write", "compare") else []
+            self._execute(io)
+            self.kept_views.extend(views)      # written after completion by _poll_views
+            return 0
+        self._execute(io)
+        if way == "complete_then_eio":
+            return -5
+        try:                                   # complete_twice: the second one must refuse
+            io.complete("success")
+        except Exception as e:
+            from env.errors import UserblkError
+            if not isinstance(e, UserblkError):
+                self.contract_errors.append(f"a second complete() raised {e!r}")
+        else:
+            self.contract_errors.append("a second complete() of one I/O was accepted")
+        return 0
+
+    def _poll_views(self):
+        views, self.kept_views = self.kept_views, []
+        for mv in views:
+            try:
+                mv[:1] = b"\xee"
+            except Exception:
+                continue                       # refused: what should happen
+            self.contract_errors.append("a view from PyIo.buffers() still wrote after its I/O "
+                                        "completed")
+
     def _poll(self):
+        if self.kept_views:
+            self._poll_views()
         if not self.pending:
             return 0
         due = []
@@ -122,6 +177,7 @@ class Device:
     write_zeroes_reads_zero = True
     unmap_reads_zero = True
     needs_clock = False
+    can_fail = False                   # I/O may fail without any fault injected by the machine
     kind = None
 
     def __init__(self, name):
@@ -136,7 +192,7 @@ class Device:
     def make(kind, gen, seed):
         maker = {"malloc": MallocDevice, "malloc-split": MallocSplitDevice, "null": NullDevice,
                  "aio": AioDevice, "nvme": NvmeDevice, "py": PyDevice,
-                 "py-late": PyLateDevice}[kind]
+                 "py-late": PyLateDevice, "py-bad": PyBadDevice}[kind]
         Device.made += 1          # names stay unique even when an example leaves one behind
         return maker(f"Fz{kind.replace('-', '')}{Device.made}g{gen}", seed)
 
@@ -266,10 +322,12 @@ class PyDevice(Device):
     kind = "py"
     late = False
     nomem = 0.0
+    misbehave = 0.0
 
     def __init__(self, name, seed):
         self.module = FuzzRamDisk(name, NUM_BLOCKS, BLOCK_SIZE, seed=seed, late=self.late,
-                                  nomem=self.nomem, max_transfer_blocks=5, optimal_io_boundary=8,
+                                  nomem=self.nomem, misbehave=self.misbehave,
+                                  max_transfer_blocks=5, optimal_io_boundary=8,
                                   split_on_optimal_io_boundary=True,
                                   required_alignment=64).register()
         self.needs_clock = self.late
@@ -290,3 +348,13 @@ class PyLateDevice(PyDevice):
     kind = "py-late"
     late = True
     nomem = 0.15
+
+
+class PyBadDevice(PyDevice):
+    """The Python RAM disk breaking its contract now and then: submit raises, returns an errno
+    without completing, completes and returns an errno, completes twice, returns None (and,
+    once their fixes are in, returns garbage, keeps PyIo.buffers() views after completion)."""
+    kind = "py-bad"
+    late = True
+    misbehave = 0.2
+    can_fail = True

@@ -30,6 +30,10 @@ class Bug:
 
 
 BUGS = {b.name: b for b in [
+    Bug("nvme_unmap_stale_context",
+        "the NVMe bdev's unmap starts from where the last unmap of a reused I/O object ended "
+        "(driver_ctx never cleared): it deallocates blocks nobody asked for, or sends a range "
+        "list of garbage and fails with Data Transfer Error (issue 18, item 1)"),
     Bug("negative_int_overflow",
         "a negative or >= 2**64 offset, length or size raises a bare OverflowError "
         "(issue 18, 'Unclear or wrong errors')"),
@@ -52,6 +56,15 @@ BUGS = {b.name: b for b in [
         "a bdev's destruct runs when its last descriptor closes, while channels are still held "
         "and I/O is in flight: a split malloc I/O then writes freed memory and the process "
         "segfaults (issue 18, item 2)"),
+    Bug("pybdev_submit_garbage",
+        "a PyBdev.submit that returns something other than an int (or None) loses the I/O: it "
+        "never completes and `outstanding` stays 1 (issue 18, item 5)"),
+    Bug("pybdev_views_outlive_io",
+        "memoryviews from PyIo.buffers() still work after the I/O completed: a module that "
+        "keeps one writes into memory the I/O no longer owns (issue 18, item 3)"),
+    Bug("nvme_options_unvalidated",
+        "ControllerOptions(io_timeout_s=-1 | nan | '5', io_queue_requests=0) are accepted at "
+        "attach and fail later, at get_io_channel (issue 18)"),
     Bug("malloc_create_bad_args",
         "malloc.create(size='64M') raises TypeError, block_size=0 ZeroDivisionError (issue 18)"),
 ]}

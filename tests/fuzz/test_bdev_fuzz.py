@@ -43,5 +43,8 @@ def test_bdev_api_fuzz(kind, tmp_path):
     if r.returncode == 0:
         return
     steps = journal.read_text() if journal.exists() else "(no journal)"
+    first = journal.with_name(journal.name + ".failure")
+    first = first.read_text() if first.exists() else "(none)"
     pytest.fail(f"fuzz machine on {kind}: {r.describe()}\n--- steps of the last example "
-                f"(journal) ---\n{steps[-30000:]}", pytrace=False)
+                f"(journal) ---\n{steps[-30000:]}\n--- the first example that failed ---\n"
+                f"{first[-30000:]}", pytrace=False)

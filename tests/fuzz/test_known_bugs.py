@@ -30,6 +30,21 @@ def refused(fn, *classes):
 """
 
 REPRODUCERS = {
+    "nvme_unmap_stale_context": """
+        from bdev import nvme as bdev_nvme
+        from nvme.emu import EmulatedController, EmuNamespace
+        bdev_nvme.attach_emulated("X", EmulatedController([EmuNamespace(1024)], name="emu-x"))
+        x = bdev.open_bdev("Xn1", write=True)
+        xch = x.get_io_channel()
+        x.write_sync(xch, b"\\xff" * 65536, 0)
+        x.unmap_sync(xch, 0, 4096)
+        x.unmap_sync(xch, 61440, 4096)
+        buf = bytearray(65536)
+        x.read_sync(xch, buf, 0)
+        zeroed = sum(1 for i in range(128) if not any(buf[i * 512:(i + 1) * 512]))
+        assert zeroed == 16, f"{zeroed} blocks read as zeroes, 16 were unmapped"
+        x.unmap_sync(xch, 40960, 4096)     # fails today: Data Transfer Error
+    """,
     "negative_int_overflow": """
         refused(lambda: d.read(ch, bytearray(512), -512), InvalidArgument)
         refused(lambda: d.read_blocks(ch, bytearray(512), 0, -1), InvalidArgument)
@@ -74,6 +89,42 @@ REPRODUCERS = {
         ch.put()              # segfaults today: the children reach the destructed module
         env.thread.current_thread().run_until(lambda: done, timeout=5)
         assert len(done) == 1, done
+    """,
+    "pybdev_submit_garbage": """
+        import env.thread
+        from bdev.core import PyBdev
+        class Garbage(PyBdev):
+            def submit(self, io):
+                return "not an errno"
+        Garbage("G0", block_size=512, num_blocks=8, module="garbage", io_types=["read"]).register()
+        g = bdev.open_bdev("G0")
+        gch = g.get_io_channel()
+        done = []
+        g.read(gch, bytearray(512), 0, cb=lambda ok, status: done.append(ok))
+        env.thread.current_thread().run_until(lambda: done, timeout=5)   # times out today
+        assert done == [False] and gch.outstanding == 0, (done, gch.outstanding)
+    """,
+    "pybdev_views_outlive_io": """
+        from bdev.core import PyBdev
+        kept = []
+        class Keeper(PyBdev):
+            def submit(self, io):
+                kept.extend(io.buffers())
+                io.complete("success")
+        Keeper("K0", block_size=512, num_blocks=8, module="keeper", io_types=["read"]).register()
+        k = bdev.open_bdev("K0")
+        kch = k.get_io_channel()
+        k.read_sync(kch, bytearray(512), 0)
+        refused(lambda: kept[0].__setitem__(0, 1), Exception)   # writes freed memory today
+    """,
+    "nvme_options_unvalidated": """
+        from bdev import nvme as bdev_nvme
+        from nvme.emu import EmulatedController, EmuNamespace
+        for i, opts in enumerate([{"io_timeout_s": -1}, {"io_timeout_s": float("nan")},
+                                  {"io_timeout_s": "5"}, {"io_queue_requests": 0}]):
+            emu = EmulatedController([EmuNamespace(16)], name=f"emu-{i}")
+            refused(lambda: bdev_nvme.attach_emulated(f"X{i}", emu, options=opts),
+                    InvalidArgument)
     """,
     "malloc_create_bad_args": """
         refused(lambda: malloc.create("R2", size="64M"), InvalidArgument)
