@@ -58,6 +58,7 @@ class FuzzRamDisk(PyBdev):
         self.destructed = 0
         self.submitted_after_destruct = 0
         self.contract_errors = []
+        self.at_destruct = None
         self.poller = None
         if late or misbehave:
             self.poller = current_thread().register_poller(self._poll, 0,
@@ -166,6 +167,8 @@ class FuzzRamDisk(PyBdev):
 
     def destruct(self):
         self.destructed += 1
+        # the rule of issue 18: destruct only after every channel is put and every I/O done
+        self.at_destruct = (self.channel_count, len(self.pending))
         if self.poller is not None and self.poller.is_registered:
             self.poller.unregister()
 

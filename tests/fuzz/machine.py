@@ -344,17 +344,13 @@ class BdevMachine(RuleBasedStateMachine):
         """Run `fn` (a submission or another API call); check the outcome against `faults`.
         True when it was accepted."""
         self.step(f"{what}    # faults: {sorted(faults) or 'none'}")
-        self.in_submit = True
         try:
             fn()
         except Violation:
             raise
         except Exception as e:
-            self.in_submit = False
             STATS["refused"] += 1
             return self._refused(what, faults, e, ambiguous)
-        finally:
-            self.in_submit = False
         STATS["accepted"] += 1
         if faults and not ambiguous:
             if faults <= {"flush_range"} and present("flush_range_unchecked"):
@@ -441,7 +437,12 @@ class BdevMachine(RuleBasedStateMachine):
             self.nocb.append(sub)
             sub.buffers = []            # nothing to check; the API keeps the buffer alive
             return
-        start(self._callback(sub))
+        cb = self._callback(sub)
+        self.in_submit = True           # a callback now runs inside its own submission
+        try:
+            start(cb)
+        finally:
+            self.in_submit = False
         if mode == "sync":
             self._wait(lambda: sub.calls > 0, f"{sub.what} (waited for alone)")
 
@@ -1092,7 +1093,12 @@ class BdevMachine(RuleBasedStateMachine):
             # accepting or refusing are both fine; accepted, it is an I/O like any other
             self._prepare(sub, dev, op, b, lo, hi)
             cb = self._callback(sub)
-            if self._call(what, faults, lambda: api(cb), ambiguous=True):
+            self.in_submit = True
+            try:
+                accepted = self._call(what, faults, lambda: api(cb), ambiguous=True)
+            finally:
+                self.in_submit = False
+            if accepted:
                 self._register(sub)       # (a reset aborts what is in flight: after the call)
                 STATS["io reset with a range"] += 1
             else:
@@ -1197,6 +1203,33 @@ class BdevMachine(RuleBasedStateMachine):
                 raise Violation(f"descriptor of {dev.name} heard {d.events}, not one remove")
         if any(b.name == dev.name for b in bdev.bdevs()):
             raise Violation(f"{dev.name} is still registered after its removal")
+
+    @precondition(lambda self: self.cur is not None)
+    @rule(ios=st.lists(st.tuples(st.sampled_from(["read", "write", "unmap", "compare"]),
+                                 st.sampled_from([0, 3, 16, 40, 64, 100]),
+                                 st.sampled_from([1, 8, 33, 64, 96, 128])),
+                       min_size=1, max_size=4),
+          order=st.sampled_from(["close_then_put", "put_then_close"]))
+    def remove_with_io_in_flight(self, ios, order):
+        """Hot removal under load (issue 18, item 2): I/O in flight (large ones split), then
+        delete, close every descriptor and put the channel, in either order. Each I/O
+        completes exactly once; the module never sees a submission after its destruct."""
+        dev = self.cur
+        STATS["removals under load"] += 1
+        for op, off, n in ios:
+            self.io_blocks(op, "good", ("own", 0), ("blk", off), ("n", min(n, dev.nblocks - off)),
+                           ("bytearray", 0, 0), "cb", off * 7 + n)
+        self.delete(skip=False)
+        mine = [self.descs.index(d) for d in dev.open_descs(self.descs)]
+        if order == "put_then_close":
+            while dev.main_refs:
+                self.put_channel(self.handles.index(next(h for h in self.handles
+                                                         if h.ch is dev.main_channel)), False)
+        for i in mine:
+            self.close(i, False)
+        while dev.main_refs:
+            self.put_channel(self.handles.index(next(h for h in self.handles
+                                                     if h.ch is dev.main_channel)), False)
 
     @precondition(lambda self: self.cur is None and self.gen < MAX_GENERATIONS)
     @rule()
@@ -1318,6 +1351,10 @@ class BdevMachine(RuleBasedStateMachine):
             if m is not None and m.submitted_after_destruct:
                 raise Violation(f"{dev.name}: the module received {m.submitted_after_destruct} "
                                 "submission(s) after its destruct")
+            if m is not None and m.at_destruct is not None and m.at_destruct != (0, 0) \
+                    and not present("destruct_before_io_done"):
+                raise Violation(f"{dev.name}: destruct ran with {m.at_destruct[0]} channel(s) "
+                                f"live and {m.at_destruct[1]} I/O(s) in the module")
             if m is not None and m.contract_errors:
                 raise Violation(f"{dev.name}: {m.contract_errors[0]}")
             if m is not None and m.destructed > 1:

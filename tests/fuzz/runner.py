@@ -18,7 +18,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 # CI: the same examples every run (derandomize), no example database, a bounded size
 settings.register_profile(
-    "ci", derandomize=True, database=None, max_examples=12, stateful_step_count=40,
+    "ci", derandomize=True, database=None, max_examples=20, stateful_step_count=40,
     deadline=None, print_blob=False, suppress_health_check=list(HealthCheck),
     phases=(Phase.explicit, Phase.generate, Phase.shrink))
 # by hand: new random examples every run (the seed and a reproduction blob are printed)

@@ -101,7 +101,7 @@ REPRODUCERS = {
         gch = g.get_io_channel()
         done = []
         g.read(gch, bytearray(512), 0, cb=lambda ok, status: done.append(ok))
-        env.thread.current_thread().run_until(lambda: done, timeout=5)   # times out today
+        env.thread.current_thread().run_until(lambda: done, timeout=2)   # times out today
         assert done == [False] and gch.outstanding == 0, (done, gch.outstanding)
     """,
     "pybdev_views_outlive_io": """
