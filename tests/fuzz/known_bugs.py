@@ -65,6 +65,10 @@ BUGS = {b.name: b for b in [
     Bug("nvme_options_unvalidated",
         "ControllerOptions(io_timeout_s=-1 | nan | '5', io_queue_requests=0) are accepted at "
         "attach and fail later, at get_io_channel (issue 18)"),
+    Bug("config_raw_errors",
+        "load_config lets raw exceptions out: a file that is not UTF-8 (UnicodeDecodeError), "
+        "JSON nested 100,000 deep (RecursionError), \"method\": [\"a\"] (TypeError: "
+        "unhashable) (issue 18)"),
     Bug("malloc_create_bad_args",
         "malloc.create(size='64M') raises TypeError, block_size=0 ZeroDivisionError (issue 18)"),
 ]}

@@ -1,6 +1,7 @@
 """Run the bdev fuzz machine for one kind of device, in this process:
 
     python -m tests.fuzz.runner KIND          # KIND: one of tests.fuzz.devices.KINDS
+    python -m tests.fuzz.runner config        # load_config with random and mutated JSON
 
 test_bdev_fuzz.py runs this in a subprocess, so that a segfault or a hang is a failed test with
 the steps that led to it, not a dead pytest. Settings come from a hypothesis profile
@@ -44,10 +45,13 @@ def profile_settings():
 def main(argv):
     from tests.fuzz.devices import KINDS
     from tests.fuzz.machine import machine_for
-    if len(argv) != 1 or argv[0] not in KINDS:
-        print(f"usage: python -m tests.fuzz.runner {{{','.join(KINDS)}}}", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in KINDS + ("config",):
+        print(f"usage: python -m tests.fuzz.runner {{{','.join(KINDS)},config}}",
+              file=sys.stderr)
         return 2
     kind = argv[0]
+    if kind == "config":
+        return run_config()
     faulthandler.enable(all_threads=True)
     hang = float(os.environ.get("USERBLK_FUZZ_HANG_DUMP_S", "0"))
     if hang > 0:
@@ -62,6 +66,27 @@ def main(argv):
     print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(STATS.items())))
     print(f"fuzz {kind}: profile {name}, {s.max_examples} examples x up to "
           f"{s.stateful_step_count} steps: passed in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def run_config():
+    """The config fuzz (config_fuzz.py): as many examples as the profile's, times six (one
+    load is cheap)."""
+    import collections
+    from tests.fuzz.config_fuzz import make_fuzz_test
+    faulthandler.enable(all_threads=True)
+    logging.basicConfig(level=logging.CRITICAL)
+    name, s = profile_settings()
+    stats = collections.Counter()
+    test, cleanup = make_fuzz_test(settings(s, max_examples=s.max_examples * 6), stats)
+    t0 = time.monotonic()
+    try:
+        test()
+    finally:
+        cleanup()
+    print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items())))
+    print(f"fuzz config: profile {name}, {s.max_examples * 6} examples: passed in "
+          f"{time.monotonic() - t0:.1f} s")
     return 0
 
 

@@ -32,8 +32,9 @@ from tests.fuzz.subproc import run_python
 LIMITS = {"ci": (150, 180), "long": (3000, 3600)}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ("config",))
 def test_bdev_api_fuzz(kind, tmp_path):
+    """`config`: load_config with random and mutated JSON (config_fuzz.py)."""
     profile = os.environ.get(PROFILE_ENV, "ci")
     child_limit, limit = LIMITS.get(profile, LIMITS["long"])
     journal = tmp_path / "journal.txt"

@@ -126,6 +126,18 @@ REPRODUCERS = {
             refused(lambda: bdev_nvme.attach_emulated(f"X{i}", emu, options=opts),
                     InvalidArgument)
     """,
+    "config_raw_errors": """
+        import os, tempfile
+        from bdev.config import ConfigError, load_config
+        path = os.path.join(tempfile.mkdtemp(), "c.json")
+        with open(path, "wb") as f:
+            f.write(b'{"subsystems": [\\xff]}')
+        refused(lambda: load_config(path), ConfigError)
+        refused(lambda: load_config('{"subsystems": ' + "[" * 100000 + "]" * 100000 + "}"),
+                ConfigError)
+        refused(lambda: load_config({"subsystems": [{"subsystem": "bdev", "config": [
+            {"method": ["a"]}]}]}), ConfigError)
+    """,
     "malloc_create_bad_args": """
         refused(lambda: malloc.create("R2", size="64M"), InvalidArgument)
         refused(lambda: malloc.create("R3", num_blocks=8, block_size=0), InvalidArgument)
