@@ -13,8 +13,10 @@ Rules
   waiting on that one I/O, through the blocking *_sync helpers, without a callback, or with a
   callback that is not callable;
 - poll a few times, drain (poll until every I/O completed), delete the bdev (hot removal) and
-  make a new one, free a DMA buffer an I/O is using;
-- NVMe only: fault rules on the emulated controller (inject an error status, delay, hold).
+  make a new one, remove it under load (I/O in flight, then delete, close and put in either
+  order), free a DMA buffer an I/O is using;
+- create malloc/null bdevs with one bad argument; NVMe only: attach with a bad controller
+  option, and fault rules on the emulated controller (inject an error status, delay, hold).
 
 Invariants (a violation fails the example; the runner prints the steps)
 - a call the model says is valid is accepted; an invalid one raises, and what it raises is a
@@ -32,7 +34,11 @@ Invariants (a violation fails the example; the runner prints the steps)
 - hot removal: every open descriptor's event callback hears "remove" exactly once; afterwards
   I/O and channels are refused with BdevRemoved and opening the name finds nothing;
 - a Python module never receives a submission after its destruct, and (once the fix is in)
-  destruct waits for every channel to be put.
+  destruct waits for every channel to be put; a module breaking its contract (py-bad) still
+  sees each I/O complete exactly once, a second complete() refused;
+- teardown leaves nothing registered, every destruct ran, every controller detached.
+
+Steps are written to a journal as they run (journal.py), so that a crash still shows them.
 """
 import collections
 import os
@@ -1261,9 +1267,12 @@ class BdevMachine(RuleBasedStateMachine):
         kw.update(bad)
         faults = {"create"} | ({fault} if fault in ("int_range", "exists") else set())
         made = []
-        self._call(f"{kind}.create(**{kw!r})", faults, lambda: made.append(module.create(**kw)))
-        if made:
-            made[0].unregister()
+        try:
+            self._call(f"{kind}.create(**{kw!r})", faults,
+                       lambda: made.append(module.create(**kw)))
+        finally:
+            for b in made:                # (accepted: a violation, and nothing left behind)
+                b.unregister()
 
     BAD_OPTIONS = [{"io_timeout_s": -1}, {"io_timeout_s": float("nan")}, {"io_timeout_s": "5"},
                    {"io_queue_requests": 0}, {"io_queue_size": 1}, {"bogus_option": 1}]
@@ -1280,6 +1289,11 @@ class BdevMachine(RuleBasedStateMachine):
         name = f"FzBadCtrl{Device.made}"
         emu = EmulatedController([EmuNamespace(16, 512)], name=f"emu-{name}")
         what = f"bdev_nvme.attach_emulated({name!r}, emu, options={opts!r})"
+        def detach():
+            if any(c.name == name for c in bdev_nvme.controllers()):
+                bdev_nvme.detach_controller(name)
+                self._wait(lambda: not any(c.name == name for c in bdev_nvme.controllers()),
+                           f"detaching {name}")
         if present("nvme_options_unvalidated") and case < 4:
             # accepted today (and failing later, at get_io_channel): only check it goes away
             self.step(f"# accepted today (nvme_options_unvalidated): {what}")
@@ -1287,13 +1301,13 @@ class BdevMachine(RuleBasedStateMachine):
                 bdev_nvme.attach_emulated(name, emu, options=opts)
             except UserblkError:
                 return
-            bdev_nvme.detach_controller(name)
-            self._wait(lambda: not any(c.name == name for c in bdev_nvme.controllers()),
-                       f"detaching {name}")
+            detach()
             return
-        if self._call(what, {"create"}, lambda: bdev_nvme.attach_emulated(name, emu,
-                                                                          options=opts)):
-            bdev_nvme.detach_controller(name)
+        try:
+            self._call(what, {"create"}, lambda: bdev_nvme.attach_emulated(name, emu,
+                                                                          options=opts))
+        finally:
+            detach()                      # (accepted: a violation, and nothing left behind)
 
     # ---- NVMe fault rules ------------------------------------------------------------------------
     def _emu(self):
