@@ -168,10 +168,6 @@ class Buffer:
         self.dma = dma                    # the DmaBuffer behind it, if any
 
     @property
-    def nbytes(self):
-        return self.view.nbytes if self.view is not None else None
-
-    @property
     def readonly(self):
         return self.view is not None and self.view.readonly
 
@@ -203,9 +199,6 @@ class Buffer:
         if need is not None and self.api_len() < need:
             return "buffer"
         return None
-
-    def bytes(self):
-        return self.view.tobytes() if self.view is not None else b""
 
     def release(self):
         """Free what the machine allocated (DMA memory), when nothing uses it any more."""

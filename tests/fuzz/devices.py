@@ -208,10 +208,6 @@ class Device:
     def delete(self):
         raise NotImplementedError
 
-    def destructed(self):
-        """Has the module's destruct run (None: the device cannot tell)."""
-        return None
-
     def cleanup(self):
         """After the machine: resources the bdev does not own (files, emulators)."""
 
@@ -266,9 +262,6 @@ class AioDevice(Device):
     def delete(self):
         from bdev import aio
         aio.delete(self.name)
-
-    def destructed(self):
-        return self.bdev.fileno() < 0
 
     def cleanup(self):
         try:
@@ -338,9 +331,6 @@ class PyDevice(Device):
 
     def delete(self):
         self.module.unregister()
-
-    def destructed(self):
-        return self.module.destructed > 0
 
     def cleanup(self):
         if self.module.poller is not None and self.module.poller.is_registered:

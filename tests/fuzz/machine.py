@@ -41,7 +41,6 @@ Invariants (a violation fails the example; the runner prints the steps)
 Steps are written to a journal as they run (journal.py), so that a crash still shows them.
 """
 import collections
-import os
 import queue
 import threading
 
@@ -156,7 +155,6 @@ class Sub:
         self.wconflict = False          # another write overlapped it in flight
         self.rconflict = False          # a write overlapped this read/compare in flight
         self.calls = 0
-        self.result = None
         self.counted = True             # False: no callback (nocb), tracked by `outstanding`
         self.data = None                # write: the bytes written
         self.expect = None              # read/compare: (model bytes, known mask) at submission
@@ -696,7 +694,7 @@ class BdevMachine(RuleBasedStateMachine):
             faults.add("claimed")
         if any(x.writable and x is not d for x in dev.open_descs(self.descs)):
             faults.add("claimed")
-        ok = self._call(f"{dev.name}.claim({o}, {'desc%d' % self.descs.index(d) if d else None})",
+        ok = self._call(f"{dev.name}.claim({o}, {f'desc{self.descs.index(d)}' if d else None})",
                         faults, lambda: dev.bdev.claim(o, d.desc if d else None))
         if ok:
             dev.claim = (o, d if d is not None and d.dev is dev and not d.closed else None)
@@ -934,8 +932,9 @@ class BdevMachine(RuleBasedStateMachine):
                 lo, hi = offset, offset + total
         if mode == "badcb":
             faults.add("badcb")
-        what = (f"desc{self.descs.index(d)}.{op}(ch[{chan}], {container}"
-                f"{[(b.kind, n) for b, (k, n) in zip(bufs, members)]}, {offset!r})  # {mode}")
+        parts = [(b.kind, n) for b, (_, n) in zip(bufs, members, strict=True)]
+        what = (f"desc{self.descs.index(d)}.{op}(ch[{chan}], {container}{parts}, {offset!r})"
+                f"  # {mode}")
         sub = Sub(what, base, dev, ch, (lo, hi) if lo is not None else None,
                   self._may_fail(dev))
 
@@ -991,7 +990,8 @@ class BdevMachine(RuleBasedStateMachine):
                     faults.add("flush_range")
         if mode == "badcb":
             faults.add("badcb")
-        what = f"desc{self.descs.index(d)}.flush(ch[{chan}], offset={offset!r}, nbytes={nbytes!r})  # {mode}"
+        what = (f"desc{self.descs.index(d)}.flush(ch[{chan}], offset={offset!r}, "
+                f"nbytes={nbytes!r})  # {mode}")
         sub = Sub(what, "flush", dev, ch, None, self._may_fail(dev))
 
         def api(cb):
@@ -1243,14 +1243,14 @@ class BdevMachine(RuleBasedStateMachine):
         self._new_device()
 
     # ---- creation with bad arguments -------------------------------------------------------------
-    BAD_CREATE = [
+    BAD_CREATE = (
         ("name", {"name": ""}), ("name", {"name": "a b"}), ("type", {"name": 5}),
         ("type", {"size": "64M"}), ("int_range", {"num_blocks": -1}),
         ("int_range", {"num_blocks": 2**64}), ("empty", {"num_blocks": 0}),
         ("block_size", {"block_size": 0}), ("block_size", {"block_size": 513}),
         ("int_range", {"block_size": -512}), ("block_size", {"size": 4096, "block_size": 0}),
         ("size", {"size": 1000}), ("exists", {}),
-    ]
+    )
 
     @rule(kind=st.sampled_from(["malloc", "null"]), case=st.integers(0, len(BAD_CREATE) - 1))
     def create_bad(self, kind, case):
@@ -1274,8 +1274,8 @@ class BdevMachine(RuleBasedStateMachine):
             for b in made:                # (accepted: a violation, and nothing left behind)
                 b.unregister()
 
-    BAD_OPTIONS = [{"io_timeout_s": -1}, {"io_timeout_s": float("nan")}, {"io_timeout_s": "5"},
-                   {"io_queue_requests": 0}, {"io_queue_size": 1}, {"bogus_option": 1}]
+    BAD_OPTIONS = ({"io_timeout_s": -1}, {"io_timeout_s": float("nan")}, {"io_timeout_s": "5"},
+                   {"io_queue_requests": 0}, {"io_queue_size": 1}, {"bogus_option": 1})
 
     @precondition(lambda self: self.kind == "nvme")
     @rule(case=st.integers(0, len(BAD_OPTIONS) - 1))
@@ -1400,7 +1400,7 @@ class BdevMachine(RuleBasedStateMachine):
             d.closed = True
         for dev in self.devs:
             if dev.claim is not None:
-                attempt("release_claim", lambda: dev.bdev.release_claim(dev.claim[0]))
+                attempt("release_claim", lambda d=dev: d.bdev.release_claim(d.claim[0]))
             if not dev.removed:
                 dev.removed = True
                 attempt(f"deleting {dev.name}", dev.device.delete)
