@@ -9,7 +9,8 @@ Rules
   by another OS thread (worker), claim / release_claim;
 - I/O in bytes (read/write/compare/write_zeroes/unmap), in blocks (*_blocks), vectored
   (readv/writev with lists, tuples, generators and non-containers), flush (whole or a range),
-  reset, and the generic `Descriptor.submit` with any I/O type; completions by callback, by
+  reset, and the generic `Descriptor.submit` with any I/O type; I/O by the worker thread on its
+  own channel (its own NVMe queue pair) beside this thread's; completions by callback, by
   waiting on that one I/O, through the blocking *_sync helpers, without a callback, or with a
   callback that is not callable;
 - poll a few times, drain (poll until every I/O completed), delete the bdev (hot removal) and
@@ -682,6 +683,52 @@ class BdevMachine(RuleBasedStateMachine):
             return
         self._call("worker: worker_ch.put()", set(), lambda: self.worker.call(self.worker.ch.put))
         self.worker.ch = self.worker.dev = None
+
+    def _worker_io_possible(self):
+        w, dev = self.worker, self.cur
+        if w is None or w.ch is None or w.ch.released or dev is None or w.dev is not dev:
+            return False
+        if dev.device.kind in ("py-late", "py-bad"):
+            return False            # their completions come from this thread's poller
+        if dev.device.kind == "nvme":
+            emu = dev.device.emu    # delays and holds need this thread's clock
+            return not (emu.held or emu.delayed or any(r.active for r in emu.rules))
+        return True
+
+    @precondition(lambda self: self._worker_io_possible())
+    @rule(off=st.integers(0, 127), n=st.sampled_from([1, 4, 16, 33]), fill=st.integers(0, 99))
+    def worker_io(self, off, n, fill):
+        """The worker writes through its own channel (its own NVMe queue pair), then reads
+        back, while this thread's I/O may be in flight."""
+        dev = self.cur
+        writers = [d for d in dev.open_descs(self.descs) if d.writable]
+        if not writers:
+            return
+        d, ch, bs = writers[-1], self.worker.ch, dev.bs
+        n = min(n, dev.nblocks - off)
+        lo, hi = off * bs, (off + n) * bs
+        data = _bytes(fill, hi - lo)
+        for op in ("write", "read"):
+            sub = Sub(f"worker: desc{self.descs.index(d)}.{op}_sync(worker_ch, {lo}, {hi - lo})",
+                      op, dev, ch, (lo, hi), self._may_fail(dev))
+            buf = A.make_buffer("bytearray", hi - lo, 0,
+                                (lambda k: data) if op == "write" else bytes)
+            if op == "write":
+                sub.data = data
+            else:
+                self._expect(sub, dev, lo, hi)
+                sub.buffers = [buf]
+            self._register(sub)
+            self.step(sub.what)
+            STATS[f"io {op} worker"] += 1
+            try:
+                self.worker.call(lambda o=op, b=buf: getattr(d.desc, o + "_sync")(ch, b.obj, lo))
+            except IoError as e:
+                self._completed(sub, False, e.status)
+            else:
+                self._completed(sub, True, None)
+            sub.calls = 1
+            self._raise_violations()
 
     @precondition(lambda self: self.cur is not None)
     @rule(owner=st.integers(0, 1), i=st.one_of(st.none(), DESC))
