@@ -63,7 +63,7 @@ from tests.fuzz.known_bugs import present
 DATA_OPS = ("read", "write", "compare")
 WRITE_TYPES = ("write", "write_zeroes", "unmap", "flush")
 CHANGES_DATA = ("write", "write_zeroes", "unmap")
-STATUS_KINDS = {"failed", "nvme_error", "miscompare", "aborted"}
+STATUS_KINDS = {"failed", "nvme_error", "miscompare", "aborted", "removed"}
 DRAIN_TIMEOUT = 15.0
 MAX_GENERATIONS = 3
 
@@ -1462,8 +1462,12 @@ class BdevMachine(RuleBasedStateMachine):
             lambda: all(getattr(dev.device, "controller_gone", lambda: True)()
                         for dev in self.devs), "teardown: controllers detached"))
         if not errors:
-            for dev in self.devs:
-                m = getattr(dev.device, "module", None)
+            # destruct runs by message on the thread that unregistered, once the last channel
+            # is gone: poll for it before saying it never ran
+            mods = [(dev, getattr(dev.device, "module", None)) for dev in self.devs]
+            attempt("teardown: destructs", lambda: self._wait(
+                lambda: all(m is None or m.destructed for _, m in mods), "teardown: destructs"))
+            for dev, m in mods:
                 if m is not None and not m.destructed:
                     errors.append(Violation(f"{dev.name}: destruct never ran"))
             left = [x.name for x in bdev.bdevs() if x.name.startswith("Fz")]
