@@ -1,1 +1,2 @@
-"""blob: a blob allocator (blobstore) on any bdev. Not built yet; no issue has asked for it."""
+"""blob: the blobstore, a crash-safe blob allocator on any bdev. Its on-disk format is
+blob/FORMAT.md (blob.layout, blob.mdpage); the store itself comes next."""
