@@ -58,6 +58,7 @@ cdef class BlobData:
     cdef uint64_t num_clusters
     cdef uint64_t num_units         # num_clusters in I/O units
     cdef void* parent               # BlobData read through where a cluster is not allocated
+    cdef uint64_t parent_limit      # ... for clusters below this (the rest read zeroes)
     cdef object _parent_ref
     cdef readonly uint64_t id
     cdef uint32_t flags

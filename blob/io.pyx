@@ -67,17 +67,21 @@ cdef class BlobData:
 
     cdef uint64_t source_lba(self, uint64_t ci) noexcept nogil:
         """Where cluster `ci` reads from when this blob has none: the nearest ancestor's block,
-        or 0 (zeroes)."""
+        or 0 (zeroes). Each blob reads through its parent only below its parent_limit (a clone
+        that shrank and grew again reads zeroes where it grew, not its parent's old data)."""
         # (walked with borrowed pointers: no reference counting without the GIL)
-        cdef void* p = self.parent
+        cdef void* b = <void*> self
+        cdef void* p
         cdef uint64_t lba
-        while p != NULL:
+        while True:
+            p = (<BlobData> b).parent
+            if p == NULL or ci >= (<BlobData> b).parent_limit:
+                return 0
             if ci < (<BlobData> p).num_clusters:
                 lba = (<BlobData> p).map[ci]
                 if lba:
                     return lba
-            p = (<BlobData> p).parent
-        return 0
+            b = p
 
     # -- for the metadata layer (its thread) --
     @property
@@ -106,6 +110,8 @@ cdef class BlobData:
             self.map = m
         self.num_clusters = n
         self.num_units = n << self.dev.cshift
+        if n < self.parent_limit:
+            self.parent_limit = n          # what it grows back to reads zeroes
         return dropped
 
     def get(self, uint64_t ci):
@@ -190,13 +196,19 @@ cdef class BlobData:
         if other.map == NULL:
             raise MemoryError()
 
-    def set_parent(self, BlobData parent):
+    def set_parent(self, BlobData parent, uint64_t limit=0):
+        """Read through `parent` (None: nothing) for clusters below `limit`."""
         self._parent_ref = parent
         self.parent = <void*> parent if parent is not None else NULL
+        self.parent_limit = limit if parent is not None else 0
 
     @property
     def parent(self):
         return self._parent_ref
+
+    @property
+    def parent_limit(self):
+        return self.parent_limit
 
     def set_read_only(self, bint ro):
         if ro:

@@ -170,6 +170,10 @@ def check_relations(blobs, geometry):
             if not p.flags & FLAG_SNAPSHOT:
                 raise BlobstoreCorrupt(f"blob {bid}'s parent {md.parent_id} is not a "
                                        "snapshot", f"blob {bid}", bid)
+            if md.parent_clusters > p.num_clusters:
+                raise BlobstoreCorrupt(f"blob {bid} reads {md.parent_clusters} clusters through "
+                                       f"its parent {md.parent_id}, which has {p.num_clusters}",
+                                       f"blob {bid}", bid)
     for bid in blobs:
         seen = set()
         cur = bid

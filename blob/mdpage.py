@@ -20,7 +20,8 @@ NO_NEXT = 0xFFFFFFFF
 
 DESC = struct.Struct("<BBH")             # type, reserved, payload length
 D_BLOB, D_EXTENTS, D_XATTR = 1, 2, 3
-BLOB_DESC = struct.Struct("<QQQQ")       # num_clusters, flags, parent_id, origin_id
+BLOB_DESC = struct.Struct("<QQQQQ")      # num_clusters, flags, parent_id, origin_id,
+                                         # parent_clusters
 RUN = struct.Struct("<II")
 XATTR_HEAD = struct.Struct("<HH")
 
@@ -48,6 +49,7 @@ class BlobMd:
     xattrs: dict = attrs.Factory(dict)
     seq: int = 0
     pages: list = attrs.Factory(list)
+    parent_clusters: int = 0
 
     @property
     def clusters(self):
@@ -86,7 +88,8 @@ def _areas(md):
         pages[-1] += desc
 
     put(DESC.pack(D_BLOB, 0, BLOB_DESC.size)
-        + BLOB_DESC.pack(md.num_clusters, md.flags, md.parent_id, md.origin_id))
+        + BLOB_DESC.pack(md.num_clusters, md.flags, md.parent_id, md.origin_id,
+                         md.parent_clusters))
     runs = list(md.runs)
     first = 0
     i = 0
@@ -243,7 +246,8 @@ def _decode_descriptors(md, descs, g, bad):
                               "appears twice", page)
                 if length != BLOB_DESC.size:
                     raise bad(f"BLOB descriptor of {length} bytes", page)
-                md.num_clusters, md.flags, md.parent_id, md.origin_id = BLOB_DESC.unpack(body)
+                (md.num_clusters, md.flags, md.parent_id, md.origin_id,
+                 md.parent_clusters) = BLOB_DESC.unpack(body)
                 have_blob = True
             elif not have_blob:
                 raise bad("the chain does not start with a BLOB descriptor", page)
@@ -292,3 +296,6 @@ def _decode_descriptors(md, descs, g, bad):
         raise bad("origin_id without PENDING (or PENDING without origin_id)")
     if md.parent_id == md.blob_id:
         raise bad("the blob is its own parent")
+    if md.parent_clusters > md.num_clusters or (md.parent_clusters and not md.parent_id):
+        raise bad(f"it reads {md.parent_clusters} clusters through its parent "
+                  f"({md.parent_id}) and has {md.num_clusters}")

@@ -121,7 +121,13 @@ class _B:
     def md(self, extra_flags=0, origin=0):
         return BlobMd(self.id, self.data.num_clusters, self.flags | extra_flags,
                       self.parent.id if self.parent else 0, origin,
-                      self.data.runs(self.ready), dict(self.xattrs))
+                      self.data.runs(self.ready), dict(self.xattrs),
+                      parent_clusters=self.data.parent_limit)
+
+    def set_parent(self, parent, limit):
+        """Read through `parent` (a _B or None) below cluster `limit`."""
+        self.parent = parent
+        self.data.set_parent(parent.data if parent is not None else None, limit)
 
 
 def _check_xattrs(xattrs):
@@ -437,8 +443,7 @@ class Blobstore:
         for bid, md in blobs.items():
             if md.parent_id:
                 p = self.blobs[md.parent_id]
-                self.blobs[bid].parent = p
-                self.blobs[bid].data.set_parent(p.data)
+                self.blobs[bid].set_parent(p, md.parent_clusters)
                 p.clones.add(bid)
 
     # ---- allocation of pages, clusters and ids -------------------------------------------------
@@ -712,15 +717,14 @@ class Blobstore:
             raise BlobNotFound(f"no blob {bid} in the blobstore on {self.bdev.name}", bid)
         return b
 
-    def _new_blob(self, num_clusters, flags, parent, xattrs):
+    def _new_blob(self, num_clusters, flags, parent, xattrs, limit=0):
         bid = self._take_id()
         b = _B(bid, BlobData(self._dev, bid))
         b.flags = flags
         b.xattrs = xattrs
         b.data.set_size(num_clusters)
         if parent is not None:
-            b.parent = parent
-            b.data.set_parent(parent.data)
+            b.set_parent(parent, limit)
         return b
 
     def _drop_new(self, b):
@@ -822,7 +826,8 @@ class Blobstore:
         try:
             if x.deleting:
                 raise BlobNotFound(f"blob {x.id} is being deleted", x.id)
-            s = self._new_blob(0, FLAG_SNAPSHOT | (x.flags & FLAG_THIN), x.parent, xattrs)
+            s = self._new_blob(0, FLAG_SNAPSHOT | (x.flags & FLAG_THIN), x.parent, xattrs,
+                               x.data.parent_limit)
             s.data.set_read_only(True)
             yield self._freeze(x)
             try:
@@ -837,8 +842,7 @@ class Blobstore:
                         self._drop_new(s)
                     raise
                 # 2. x: empty, thin, a clone of S (the commit point)
-                x.parent = s
-                x.data.set_parent(s.data)
+                x.set_parent(s, s.data.num_clusters)
                 x.flags |= FLAG_THIN
                 x.changed()
                 if x_parent is not None:
@@ -865,7 +869,7 @@ class Blobstore:
         return self._run(self._clone(s, xattrs), cb, "clone")
 
     def _clone(self, s, xattrs):
-        c = self._new_blob(s.data.num_clusters, FLAG_THIN, s, xattrs)
+        c = self._new_blob(s.data.num_clusters, FLAG_THIN, s, xattrs, s.data.num_clusters)
         s.clones.add(c.id)                 # from now on S cannot be deleted
         try:
             yield from self._write_chain(c, c.md())
@@ -901,7 +905,7 @@ class Blobstore:
             elif parent is None:
                 return None
             else:
-                n = parent.data.num_clusters
+                n = min(parent.data.num_clusters, b.data.parent_limit)
                 want = [ci for ci in b.data.unallocated() if ci < n and parent.data.get(ci)]
             for k in range(0, len(want), ALLOC_PARALLEL):
                 allocs = [self._alloc(b, ci) for ci in want[k:k + ALLOC_PARALLEL]
@@ -912,8 +916,11 @@ class Blobstore:
                 if parent is not None:
                     parent.clones.discard(b.id)
                 new_parent = None if inflate else parent.parent
-                b.parent = new_parent
-                b.data.set_parent(new_parent.data if new_parent is not None else None)
+                # what the blob did not take from its parent reads through the grandparent as
+                # far as both did
+                limit = 0 if new_parent is None else min(b.data.parent_limit,
+                                                         parent.data.parent_limit)
+                b.set_parent(new_parent, limit)
                 if new_parent is not None:
                     new_parent.clones.add(b.id)
                 if inflate:

@@ -180,3 +180,24 @@ def test_snapshot_of_a_big_blob_copies_nothing():
 def test_clone_needs_a_snapshot(store):
     with pytest.raises(InvalidArgument, match="not a snapshot"):
         store.bs.clone(store.bs.create())
+
+
+def test_a_clone_that_shrinks_and_grows_reads_zeroes_where_it_grew(store):
+    bs, ch = store.bs, store.ch
+    blob = bs.open(bs.create(num_clusters=3))
+    blob.write(ch, b"p" * 512 * 3 * C, 0)
+    sid = bs.snapshot(blob)
+    blob.resize(1)
+    blob.resize(3)
+    assert store.read(blob, 0, 1) == b"p" * 512
+    assert store.read(blob, C, 2 * C) == bytes(2 * C * 512)
+    blob.close()
+    for clean in (True, False):
+        bs = store.reload(clean=clean)
+        blob = bs.open(blob.id)
+        assert store.read(blob, C, 2) == bytes(1024) and store.read(blob, 0, 1) == b"p" * 512
+        # decoupling keeps it so: the grandparent (none here) is read only as far as both were
+        bs.decouple_parent(blob)
+        assert store.read(blob, C, 2) == bytes(1024) and store.read(blob, 0, 1) == b"p" * 512
+        blob.close()
+    bs.delete(sid)
