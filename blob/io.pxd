@@ -1,11 +1,12 @@
 # The blobstore's data path at C level (see io.pyx): blobs' cluster maps, per-thread channels,
 # and the submission functions an upper layer (the perf engine, an lvol bdev) calls without the
 # GIL.
+from libc.errno cimport ENOMEM, EIO
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
-from bdev.core cimport BdevChannel, Descriptor
-from env.thread cimport IoChannel, IoDevice, Poller, thread_s
+from bdev.core cimport BdevChannel, Descriptor, bdev_io, bdev_submit
+from env.thread cimport IoChannel, IoDevice, Poller, atomic_load_int, thread_s
 
 # Completion of a blob I/O: `status` is 0, or a negative errno: -EIO (the base bdev failed it),
 # -ENOSPC (no free cluster for a first write), -ENOMEM, -ERANGE (the blob shrank under it).
@@ -91,6 +92,9 @@ cdef struct quiesce_rec:
 cdef class BlobChannel(IoChannel):
     cdef BlobstoreDev dev
     cdef BdevChannel base
+    cdef Descriptor desc            # (the store's: copies of what the fast path reads)
+    cdef uint32_t cshift
+    cdef uint64_t umask
     cdef blob_io* ios
     cdef blob_io* free_ios
     cdef uint32_t nios
@@ -116,7 +120,50 @@ cdef class BlobChannel(IoChannel):
 # call); negative errno: refused, nothing happened: -EXDEV channel of another thread, -ERANGE
 # outside the blob, -EROFS write to a snapshot, -ENOENT deleted blob, -EINVAL bad type/iovec,
 # -ENOMEM no free I/O object on the channel.
-cdef int blob_submit(BlobChannel ch, BlobData b, uint8_t type, char* buf, uint64_t offset,
-                     uint64_t num, blob_io_cb cb, void* cb_arg) noexcept nogil
+#
+# blob_submit's common case is written here, inline, so that it compiles into its caller: a read
+# or write inside one allocated cluster of a blob that is not frozen goes to bdev_submit with the
+# blob_io as the base I/O's context. Everything else goes to blob_submit_general (io.pyx).
+cdef int blob_submit_general(BlobChannel ch, BlobData b, uint8_t type, char* buf,
+                             uint64_t offset, uint64_t num, blob_io_cb cb,
+                             void* cb_arg) noexcept nogil
 cdef int blob_submitv(BlobChannel ch, BlobData b, uint8_t type, iovec* iovs, uint32_t iovcnt,
                       uint64_t offset, uint64_t num, blob_io_cb cb, void* cb_arg) noexcept nogil
+# The base I/O's completion of the fast path (and of every piece).
+cdef void blob_base_done(bdev_io* bio, bint ok, void* arg) noexcept nogil
+
+
+cdef inline int blob_submit(BlobChannel ch, BlobData b, uint8_t type, char* buf, uint64_t offset,
+                            uint64_t num, blob_io_cb cb, void* cb_arg) noexcept nogil:
+    cdef blob_io* io
+    cdef uint64_t ci = offset >> ch.cshift
+    cdef uint64_t lba
+    cdef int rc
+    # (a snapshot's flags are BD_READ_ONLY: reads pass, writes and deleted blobs do not)
+    if ((type == BLOB_IO_READ and b.flags <= BD_READ_ONLY or type == BLOB_IO_WRITE and b.flags == 0)
+            and num != 0 and offset < b.num_units and num <= b.num_units - offset
+            and (offset + num - 1) >> ch.cshift == ci
+            and ch.free_ios != NULL and <void*> b.dev == <void*> ch.dev
+            and not atomic_load_int(&b.frozen) and ch.on_owner()):
+        lba = b.map[ci]
+        if lba:
+            io = ch.free_ios
+            ch.free_ios = io.next
+            ch.nfree -= 1
+            io.blob = <void*> b
+            io.cb = cb
+            io.cb_arg = cb_arg
+            io.parent = NULL
+            io.status = 0
+            io.flags = 0
+            io.state = BIO_ACTIVE
+            rc = bdev_submit(ch.desc, ch.base, type, buf, lba + (offset & ch.umask), num,
+                             blob_base_done, io)
+            if rc == 0:
+                return 0
+            io.state = BIO_FREE
+            io.next = ch.free_ios
+            ch.free_ios = io
+            ch.nfree += 1
+            return rc if rc == -ENOMEM else -EIO
+    return blob_submit_general(ch, b, type, buf, offset, num, cb, cb_arg)

@@ -75,8 +75,8 @@ def runs_of(clusters):
 
 
 # ---- encoding -----------------------------------------------------------------------------------
-def _areas(md):
-    """The descriptor areas of the chain's pages (bytes each, <= AREA)."""
+def chain_areas(md):
+    """The descriptor areas of the chain's pages (bytes each, <= AREA): one per page."""
     pages = [bytearray()]
 
     def room():
@@ -113,13 +113,15 @@ def _areas(md):
 
 def page_count(md):
     """How many pages `md`'s chain takes."""
-    return len(_areas(md))
+    return len(chain_areas(md))
 
 
-def encode_chain(md, seq, page_indices, tag):
+def encode_chain(md, seq, page_indices, tag, areas=None):
     """The pages of `md`'s chain (bytes each) for pages `page_indices` (page_count(md) of them,
-    head first), with sequence number `seq`, for the store of tag `tag`."""
-    areas = _areas(md)
+    head first), with sequence number `seq`, for the store of tag `tag` (`areas`: what
+    chain_areas(md) gave, if the caller has it)."""
+    if areas is None:
+        areas = chain_areas(md)
     if len(areas) != len(page_indices):
         raise ValueError(f"the chain takes {len(areas)} pages, {len(page_indices)} given")
     n = len(areas)
@@ -194,7 +196,8 @@ def decode_chain(head, read_page, geometry, tag):
         if hdr.desc_len > AREA:
             raise bad(f"{hdr.desc_len} bytes of descriptors (at most {AREA})", pages[-1])
         descs.append((pages[-1], bytes(cur[HEADER.size:HEADER.size + hdr.desc_len])))
-        if any(cur[HEADER.size + hdr.desc_len:PAGE - 4]) or struct.unpack_from("<H", cur, 46)[0]:
+        tail = cur[HEADER.size + hdr.desc_len:PAGE - 4]
+        if tail.count(0) != len(tail) or struct.unpack_from("<H", cur, 46)[0]:
             raise bad("bytes after the descriptors (or reserved ones) are not zero", pages[-1])
         if hdr.chain_pos + 1 == h.chain_len:
             if hdr.next != NO_NEXT:

@@ -51,7 +51,7 @@ from blob.load import (bitmaps_of, bitmap_tail_clear, check_bitmap_crc, check_re
                        choose_super, from_clean, from_dirty, scan_chunk)
 from blob.mdio import MdIo
 from blob.mdpage import (FLAG_PENDING, FLAG_SNAPSHOT, FLAG_THIN, MAX_XATTR_NAME,
-                         MAX_XATTR_VALUE, BlobMd, encode_chain, page_count)
+                         MAX_XATTR_VALUE, BlobMd, chain_areas, encode_chain)
 from env.errors import InvalidArgument, WrongThreadError
 from env.thread import current_thread, for_each_channel
 
@@ -502,11 +502,12 @@ class Blobstore:
     # ---- writing metadata --------------------------------------------------------------------------
     def _write_chain(self, b, md):
         """Write `md` as blob b's new chain (FORMAT.md "Updates"), then wipe the old one."""
-        n = page_count(md)
+        areas = chain_areas(md)
+        n = len(areas)
         pages = self._take_pages(n)
         seq = self.next_seq
         self.next_seq += 1
-        data = encode_chain(md, seq, pages, self.tag)
+        data = encode_chain(md, seq, pages, self.tag, areas)
         g = self.geometry
         try:
             if n > 1:
@@ -526,6 +527,16 @@ class Blobstore:
         old = b.pages
         b.pages, b.seq = pages, seq
         return old
+
+    def _retire(self, b, pages):
+        """Wipe blob b's superseded chain `pages` in the background (its commits go on
+        meanwhile: the newer chain's larger seq wins until then); b.commit_idle counts it, so
+        delete and unload wait for it."""
+        if not pages:
+            return
+        b.commit_idle.up()
+        tasks.run(self._wipe_chain(pages), lambda v, e: b.commit_idle.down(),
+                  name=f"wipe of blob {b.id}'s old chain")
 
     def _wipe_chain(self, pages):
         """Overwrite a chain's head with zeroes; then its pages are free."""
@@ -584,7 +595,7 @@ class Blobstore:
                 self._release_clusters(dropped)
                 for w in waiters:
                     w()
-                yield from self._wipe_chain(old)
+                self._retire(b, old)
         finally:
             b.committing = False
             b.commit_idle.down()

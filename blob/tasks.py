@@ -177,7 +177,7 @@ class Lock:
 
     def __init__(self):
         self.locked = False
-        self._waiters = collections.deque()
+        self._waiters = None                   # a deque once someone waits
 
     def acquire(self):
         def start(resume):
@@ -185,6 +185,8 @@ class Lock:
                 self.locked = True
                 resume()
             else:
+                if self._waiters is None:
+                    self._waiters = collections.deque()
                 self._waiters.append(resume)
         return start
 
