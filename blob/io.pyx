@@ -104,7 +104,8 @@ cdef class BlobData:
         if n > self.num_clusters or n == 0:
             m = <uint64_t*> realloc(self.map, max(n, 1) * 8)
             if m == NULL:
-                raise MemoryError()
+                raise InvalidArgument(f"blob {self.id}: no memory for the map of {n} clusters "
+                                      f"({n * 8} bytes)")
             if n > self.num_clusters:
                 memset(m + self.num_clusters, 0, (n - self.num_clusters) * 8)
             self.map = m

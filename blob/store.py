@@ -62,6 +62,7 @@ READ_CHUNK_PAGES = 256                  # 1 MiB per metadata read at load
 COPY_CHUNK = 1 << 20                    # a cluster copy goes through buffers of this size
 COPY_BUFFERS = 4
 ALLOC_PARALLEL = 16                     # clusters inflate/decouple fill at once
+MAX_BLOB_CLUSTERS = (1 << 32) - 1       # a blob's clusters are counted in 32 bits, like the store's
 _EIO, _ENOSPC, _ENOENT = 5, 28, 2
 
 
@@ -752,10 +753,22 @@ class Blobstore:
         if b.parent is not None:
             b.parent.clones.add(b.id)
 
+    def _check_size(self, n, thin, have=0):
+        """A blob may grow to `n` clusters (thin: any size the map can hold in memory; thick:
+        what is free)."""
+        _count(n, "num_clusters")
+        if n > MAX_BLOB_CLUSTERS:
+            raise InvalidArgument(f"a blob has at most {MAX_BLOB_CLUSTERS} clusters, not {n}")
+        if not thin and n > have and n - have > self.free_clusters:
+            raise NoSpace(f"{n - have} clusters asked for, {self.free_clusters} free on "
+                          f"{self.bdev.name}")
+
     def create(self, num_clusters=0, thin=False, xattrs=None, cb=None):
         """A new blob of `num_clusters` clusters: thick (its clusters given now, reading zeroes)
-        or `thin` (given on first write). Returns its id once its metadata is durable."""
-        _count(num_clusters, "num_clusters")
+        or `thin` (given on first write; it may be larger than the store). Returns its id once
+        its metadata is durable."""
+        self._usable()
+        self._check_size(num_clusters, thin)
         xattrs = _check_xattrs(xattrs)
         return self._run(self._create(num_clusters, bool(thin), xattrs), cb, "create")
 
@@ -1214,9 +1227,9 @@ class Blob:
         """Grow or shrink to `num_clusters` (durable at the next sync_md). A thick blob gets its
         new clusters now; a shrunk blob's clusters are free once that is durable."""
         b = self._rec()
-        _count(num_clusters, "num_clusters")
         if b.is_snapshot:
             raise BlobReadOnly(f"blob {b.id} is a snapshot: it cannot be resized", b.id)
+        self.store._check_size(num_clusters, b.flags & FLAG_THIN, b.data.num_clusters)
         return self.store._run(self.store._resize(b, num_clusters), cb, "resize")
 
     def sync_md(self, cb=None):

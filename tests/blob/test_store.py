@@ -375,3 +375,20 @@ def test_store_on_a_null_bdev_runs_but_keeps_nothing():
         bs.unload()
     finally:
         bdev.get_bdev(name).unregister()
+
+
+def test_sizes_out_of_reach_are_refused_clearly(store):
+    bs = store.bs
+    with pytest.raises(InvalidArgument, match="at most 4294967295 clusters"):
+        bs.create(1 << 40, thin=True)
+    with pytest.raises(NoSpace, match="clusters asked for"):
+        bs.create(1 << 30)                           # thick: refused before taking anything
+    assert bs.free_clusters == 63
+    big = bs.open(bs.create(1 << 20, thin=True))     # overprovisioned: 1 TiB on 64 MiB
+    assert big.num_units == (1 << 20) * 2048
+    small = bs.open(bs.create(1))
+    with pytest.raises(NoSpace, match="99 clusters asked for"):
+        small.resize(100)
+    assert small.num_clusters == 1 and bs.free_clusters == 62
+    big.close()
+    small.close()
