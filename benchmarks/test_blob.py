@@ -11,7 +11,7 @@
 The blob and the bare bdev are two bdevs of the same kind and size (the store claims its own),
 driven by the same C workload loop (env.workload through bdev.perf / blob.perf). On a shared
 host the speed drifts between runs, so the two kinds run interleaved in short slices (SLICE_S,
-ROUNDS pairs) and the ratio is the IOPS of each over all its slices. Beside it goes the
+rounds() pairs) and the ratio is the IOPS of each over all its slices. Beside it goes the
 CPU-normalized ratio (IOPS per CPU second of the polling thread): on a loaded machine the time
 slices the kernel gives each run differ, the work per I/O does not. Figures go to
 pytest-benchmark's extra_info and results/blob_*.json.
@@ -29,7 +29,11 @@ from blob import perf as blperf
 from tests.blob.helpers import crash
 
 SLICE_S = 0.2
-ROUNDS = 10
+
+
+def rounds():
+    """Slice pairs: about results.seconds() of each kind (5 s by default, 1 s in smoke runs)."""
+    return max(2, round(results.seconds() / SLICE_S))
 BASES = {"malloc": malloc, "null": null}
 SIZE = 512 << 20
 
@@ -37,7 +41,7 @@ SIZE = 512 << 20
 def _interleaved(wa, wb):
     """Run two Workloads alternately; (ios, cpu seconds) of each, summed."""
     out = {"a": [0, 0.0], "b": [0, 0.0]}
-    for r in range(ROUNDS):
+    for r in range(rounds()):
         for key, w in (("a", wa), ("b", wb)) if r % 2 == 0 else (("b", wb), ("a", wa)):
             t0 = time.thread_time()
             out[key][0] += w.run()["ios"]
@@ -69,7 +73,7 @@ def _ratio(kind, workload, qd, io_size):
             ch.put()
             bs.unload()
         (na, ca), (nb, cb) = out["a"], out["b"]
-        secs = ROUNDS * SLICE_S
+        secs = rounds() * SLICE_S
         return {"bare_iops": na / secs, "blob_iops": nb / secs, "ratio": nb / na,
                 "cpu_normalized_ratio": (nb / cb) / (na / ca), "base": kind,
                 "workload": workload, "queue_depth": qd, "io_size": io_size}
@@ -131,7 +135,9 @@ def test_thin_first_writes_vs_allocated_64k_sequential(benchmark):
         one_round()                      # warm
         for k in times:
             times[k] = 0.0
-        benchmark.pedantic(lambda: [one_round() for _ in range(3)], rounds=1, iterations=1)
+        n_rounds = 3 if results.seconds() >= 3 else 1
+        benchmark.pedantic(lambda: [one_round() for _ in range(n_rounds)], rounds=1,
+                           iterations=1)
     finally:
         b.unregister()
     fig = {"thick_s": times["thick"], "thin_s": times["thin"],
