@@ -233,8 +233,9 @@ def _check(r, bdev, report):
                        "are not marked used")
         ids = set(id_bits.set_bits())
         if ids != set(blobs):
-            report.add("blob-id bitmap", f"ids marked without a blob {_some(sorted(ids - set(blobs)))}"
-                       f", blobs not marked {_some(sorted(set(blobs) - ids))}")
+            extra, missing = sorted(ids - set(blobs)), sorted(set(blobs) - ids)
+            report.add("blob-id bitmap", f"ids marked without a blob {_some(extra)}, blobs not "
+                       f"marked {_some(missing)}")
         if any(h[2] >= sb.next_md_seq for h in headers if h[0] in chain_pages):
             report.add("sequence", "a metadata page has a seq not below the super block's "
                        "next_md_seq")

@@ -124,7 +124,8 @@ cdef extern from *:
     int cpu_has_sse42 "ublk_cpu_has_sse42"() noexcept nogil
     int use_hw "ublk_crc32c_use_hw"
     uint32_t crc_any "ublk_crc32c"(uint32_t crc, const void* p, size_t n) noexcept nogil
-    uint32_t crc_table "ublk_crc32c_table_only"(uint32_t crc, const void* p, size_t n) noexcept nogil
+    uint32_t crc_table "ublk_crc32c_table_only"(uint32_t crc, const void* p,
+                                                size_t n) noexcept nogil
     uint32_t crc_hw "ublk_crc32c_hw_only"(uint32_t crc, const void* p, size_t n) noexcept nogil
     int HAVE_X86 "UBLK_CRC_HAVE_X86"
 

@@ -54,7 +54,7 @@ IO_TYPE_NAMES = {BLOB_IO_READ: "read", BLOB_IO_WRITE: "write",
 IO_TYPES = {v: k for k, v in IO_TYPE_NAMES.items()}
 
 
-# ---- the blob --------------------------------------------------------------------------------------
+# ---- the blob -----------------------------------------------------------------------------------
 cdef class BlobData:
     """See the module. Made by the metadata layer: `BlobData(dev, blob_id)`."""
 

@@ -500,7 +500,7 @@ class Blobstore:
         self.used_ids.set(bid)
         return bid
 
-    # ---- writing metadata --------------------------------------------------------------------------
+    # ---- writing metadata ----------------------------------------------------------------
     def _write_chain(self, b, md):
         """Write `md` as blob b's new chain (FORMAT.md "Updates"), then wipe the old one."""
         areas = chain_areas(md)

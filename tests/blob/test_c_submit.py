@@ -2,8 +2,6 @@
 iovec and a C callback, its refusals, completions outside the submission, and a resize heard."""
 import errno
 
-import pytest
-
 from blob._testing import CSubmitter
 from env import memory
 from tests.blob.helpers import pattern

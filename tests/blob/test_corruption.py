@@ -12,7 +12,7 @@ from blob import Blobstore, BlobstoreCorrupt
 from blob.check import check
 from blob.crc32c import crc32c
 from blob.layout import PAGE, decode_super, encode_super
-from blob.mdpage import HEADER, NO_NEXT, page_state
+from blob.mdpage import HEADER
 from tests.blob.helpers import Store, crash, fresh_name, pattern
 
 CLUSTER = 16 << 10
@@ -287,7 +287,7 @@ def test_a_double_reference_is_caught(clean_image):
     assert "double reference" in _check(image).kinds()
 
 
-# ---- the fuzzer -----------------------------------------------------------------------------------
+# ---- the fuzzer ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("clean", [True, False])
 def test_fuzz_random_bytes_in_the_metadata(clean, clean_image, dirty_image):
     """Random damage to the super blocks, bitmaps and metadata pages: load either works (the
