@@ -1,7 +1,7 @@
 # The blobstore's data path at C level (see io.pyx): blobs' cluster maps, per-thread channels,
 # and the submission functions an upper layer (the perf engine, an lvol bdev) calls without the
 # GIL.
-from libc.errno cimport ENOMEM, EIO
+from libc.errno cimport ENOMEM, EIO, EXDEV
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
@@ -98,7 +98,6 @@ cdef class BlobChannel(IoChannel):
     cdef blob_io* ios
     cdef blob_io* free_ios
     cdef uint32_t nios
-    cdef uint32_t nfree
     cdef blob_io* done_head         # completed inside their submission: finished by the poller
     cdef blob_io* done_tail
     cdef blob_io* parked_head       # requests waiting for their blob to thaw
@@ -144,26 +143,22 @@ cdef inline int blob_submit(BlobChannel ch, BlobData b, uint8_t type, char* buf,
             and num != 0 and offset < b.num_units and num <= b.num_units - offset
             and (offset + num - 1) >> ch.cshift == ci
             and ch.free_ios != NULL and <void*> b.dev == <void*> ch.dev
-            and not atomic_load_int(&b.frozen) and ch.on_owner()):
+            and not atomic_load_int(&b.frozen)):
         lba = b.map[ci]
         if lba:
+            # The blob_io is taken from the pool only once the base took the I/O: bdev_submit
+            # refuses a channel of another thread (-EXDEV) before anything happens, which
+            # spares a check of our own, and never completes inside the call. Free blob_ios
+            # have parent NULL, status and flags 0 (see _put).
             io = ch.free_ios
-            ch.free_ios = io.next
-            ch.nfree -= 1
-            io.blob = <void*> b
-            io.cb = cb
-            io.cb_arg = cb_arg
-            io.parent = NULL
-            io.status = 0
-            io.flags = 0
-            io.state = BIO_ACTIVE
             rc = bdev_submit(ch.desc, ch.base, type, buf, lba + (offset & ch.umask), num,
                              blob_base_done, io)
             if rc == 0:
+                ch.free_ios = io.next
+                io.blob = <void*> b
+                io.cb = cb
+                io.cb_arg = cb_arg
+                io.state = BIO_ACTIVE
                 return 0
-            io.state = BIO_FREE
-            io.next = ch.free_ios
-            ch.free_ios = io
-            ch.nfree += 1
-            return rc if rc == -ENOMEM else -EIO
+            return rc if rc == -ENOMEM or rc == -EXDEV else -EIO
     return blob_submit_general(ch, b, type, buf, offset, num, cb, cb_arg)

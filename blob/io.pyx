@@ -260,13 +260,12 @@ cdef class BlobChannel(IoChannel):
             self.ios[k].channel = <void*> self
             self.ios[k].next = self.free_ios
             self.free_ios = &self.ios[k]
-        self.nfree = nios
         self.poller = self.thread.register_c_poller(_channel_poller, <void*> self, 0,
                                                     f"blob:{dev.name}", None)
 
     def _teardown(self):
         cdef int spins = 0
-        while self.nfree != self.nios and spins < 1000000:
+        while _nfree(self) != self.nios and spins < 1000000:
             with nogil:
                 self.poll()
                 self.base.poll()
@@ -275,9 +274,9 @@ cdef class BlobChannel(IoChannel):
             if self.poller.is_registered:
                 self.poller.unregister()
             self.poller = None
-        if self.nfree != self.nios:
+        if _nfree(self) != self.nios:
             log.error("channel of %s on %s released with %d I/O(s) outstanding; not freeing its "
-                      "I/O objects", self.dev.name, self.thread.name, self.nios - self.nfree)
+                      "I/O objects", self.dev.name, self.thread.name, self.nios - _nfree(self))
             self.ios = NULL
         else:
             free(self.ios)
@@ -321,7 +320,7 @@ cdef class BlobChannel(IoChannel):
     @property
     def outstanding(self):
         """Requests and pieces of this channel not yet completed."""
-        return self.nios - self.nfree
+        return self.nios - _nfree(self)
 
     def poll_now(self):
         self.check_thread()
@@ -408,27 +407,36 @@ cdef class BlobstoreDev(IoDevice):
 
 
 
+cdef uint32_t _nfree(BlobChannel ch) noexcept nogil:
+    """How many blob_ios are free (a walk: teardown and statistics only)."""
+    cdef uint32_t n = 0
+    cdef blob_io* io = ch.free_ios
+    while io != NULL:
+        n += 1
+        io = io.next
+    return n
+
+
 cdef inline blob_io* _get(BlobChannel ch) noexcept nogil:
     cdef blob_io* io = ch.free_ios
     if io == NULL:
         return NULL
     ch.free_ios = io.next
-    ch.nfree -= 1
-    io.parent = NULL
-    io.status = 0
-    io.flags = 0
     io.pending = 0
     return io
 
 
 cdef inline void _put(BlobChannel ch, blob_io* io) noexcept nogil:
+    """Back to the pool, reset as the fast path expects a free blob_io (parent NULL, status
+    and flags 0)."""
     if io.flags & BIOF_OWN_IOVS:
         free(io.iovs)
-        io.flags &= ~BIOF_OWN_IOVS
+    io.flags = 0
+    io.status = 0
+    io.parent = NULL
     io.state = BIO_FREE
     io.next = ch.free_ios
     ch.free_ios = io
-    ch.nfree += 1
 
 
 cdef inline void _push(blob_io** head, blob_io** tail, blob_io* io) noexcept nogil:
@@ -511,8 +519,7 @@ cdef inline void _fast_done(BlobChannel ch, blob_io* p) noexcept nogil:
     p.state = BIO_FREE
     p.next = ch.free_ios
     ch.free_ios = p
-    ch.nfree += 1
-    cb(arg, p.status)
+    cb(arg, 0)
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -747,9 +754,15 @@ cdef inline int _check(BlobChannel ch, BlobData b, uint8_t type, uint64_t offset
 
 
 cdef inline int _enough(BlobChannel ch, uint64_t offset, uint64_t num) noexcept nogil:
-    """Enough free I/O objects for the request and its pieces?"""
-    cdef uint64_t pieces = ((offset + num - 1) >> ch.dev.cshift) - (offset >> ch.dev.cshift)
-    return ch.nfree > (pieces + 1 if pieces else 0)
+    """Enough free I/O objects for the request and its pieces? (a walk of at most the
+    pieces' number of the free list: only what splits pays for it)"""
+    cdef uint64_t need = ((offset + num - 1) >> ch.dev.cshift) - (offset >> ch.dev.cshift)
+    need = need + 2 if need else 1
+    cdef blob_io* io = ch.free_ios
+    while io != NULL and need:
+        need -= 1
+        io = io.next
+    return need == 0
 
 
 cdef inline int _submit(BlobChannel ch, BlobData b, blob_io* io) noexcept nogil:
