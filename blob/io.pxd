@@ -37,7 +37,9 @@ cdef struct blob_io:
     void* blob                # BlobData (borrowed)
     void* channel             # BlobChannel (borrowed)
     blob_io* parent           # a piece's request
-    blob_io* next             # free list, deferred and parked lists
+    blob_io* next             # free list, deferred and parked lists, followers of a leader
+    blob_io* followers        # a leader waiting for a cluster: pieces waiting for the same one
+    blob_io* alloc_link       # the channel's list of leaders
     blob_io_cb cb
     void* cb_arg
     iovec* iovs
@@ -105,6 +107,7 @@ cdef class BlobChannel(IoChannel):
     cdef blob_io* retry_head        # pieces the base refused for lack of I/O objects
     cdef blob_io* retry_tail
     cdef blob_io* resend_head       # allocation requests the metadata thread's ring refused
+    cdef blob_io* leaders           # pieces whose allocation request is out (one per cluster)
     cdef quiesce_rec quiesce[8]
     cdef uint32_t nquiesce
     cdef Poller poller

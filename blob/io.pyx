@@ -136,15 +136,20 @@ cdef class BlobData:
 
     def runs(self, overlay=None):
         """(start, count) runs of the map, start 0 for unallocated; `overlay` {ci: cluster}
-        entries are taken as given (allocations being committed)."""
-        cdef uint64_t i, c, start = 0, count = 0
+        entries are taken as given (allocations being committed). One pass in C; the overlay
+        is merged in ci order."""
+        cdef uint64_t i, c, start = 0, count = 0, k = 0, nov = 0, next_ov
         cdef uint32_t sh = self.dev.cshift
+        ov = sorted((<dict> overlay).items()) if overlay else []
+        nov = len(ov)
+        next_ov = ov[0][0] if nov else <uint64_t> -1
         out = []
-        ov = overlay or {}
         for i in range(self.num_clusters):
             c = self.map[i] >> sh
-            if ov and i in ov:
-                c = ov[i]
+            if i == next_ov:
+                c = ov[k][1]
+                k += 1
+                next_ov = ov[k][0] if k < nov else <uint64_t> -1
             if count and ((start == 0 and c == 0) or (start and c == start + count)):
                 count += 1
                 continue
@@ -575,8 +580,20 @@ cdef void _piece_of(BlobChannel ch, BlobData b, blob_io* p) noexcept nogil:
     if p.type != BLOB_IO_WRITE and src == 0:
         _piece_done(ch, p, 0)            # zeroes where it already reads zeroes
         return
-    # a cluster of its own first: the metadata thread gives one, then sends the piece back
+    # a cluster of its own first: the metadata thread gives one, then sends the piece back.
+    # One request per cluster and channel: pieces for a cluster already asked for wait here
+    # behind the piece that asked (its leader), and go when it comes back.
     p.flags |= BIOF_WAIT_ALLOC
+    cdef blob_io* lead = ch.leaders
+    while lead != NULL:
+        if lead.blob == p.blob and (lead.offset >> ch.cshift) == ci:
+            p.next = lead.followers
+            lead.followers = p
+            return
+        lead = lead.alloc_link
+    p.followers = NULL
+    p.alloc_link = ch.leaders
+    ch.leaders = p
     _resend(ch, p)
 
 
@@ -608,16 +625,36 @@ cdef void _alloc_msg_py(blob_io* p) noexcept:
 
 
 cdef void _alloc_back(void* ctx) noexcept nogil:
-    """(The piece's thread.) Its cluster is there, or it failed (status set, flag kept)."""
+    """(The piece's thread.) Its cluster is there, or it failed (status set): the leader and
+    the pieces that waited behind it go on."""
     cdef blob_io* p = <blob_io*> ctx
-    cdef int status = p.status
-    p.flags &= ~BIOF_WAIT_ALLOC
-    if status:
-        if p.parent != NULL:
-            p.status = 0
-        _piece_done(<BlobChannel> p.channel, p, status)
-        return
-    _piece(<BlobChannel> p.channel, p)
+    _alloc_back_on(<BlobChannel> p.channel, p)
+
+
+cdef void _alloc_back_on(BlobChannel ch, blob_io* lead) noexcept nogil:
+    cdef int status = lead.status
+    cdef blob_io* f = lead.followers
+    cdef blob_io* nxt
+    cdef blob_io** link = &ch.leaders
+    while link[0] != NULL and link[0] != lead:
+        link = &link[0].alloc_link
+    if link[0] == lead:
+        link[0] = lead.alloc_link
+    lead.followers = NULL
+    lead.alloc_link = NULL
+    while True:
+        # the leader first, then its followers (each may be a whole request or a piece)
+        lead.flags &= ~BIOF_WAIT_ALLOC
+        if status:
+            if lead.parent != NULL:
+                lead.status = 0
+            _piece_done(ch, lead, status)
+        else:
+            _piece(ch, lead)
+        if f == NULL:
+            return
+        lead = f
+        f = f.next
 
 
 # ---- requests -----------------------------------------------------------------------------------

@@ -391,3 +391,24 @@ def test_sizes_out_of_reach_are_refused_clearly(store):
     assert small.num_clusters == 1 and bs.free_clusters == 62
     big.close()
     small.close()
+
+
+def test_pieces_waiting_for_one_cluster_all_complete(store):
+    """Writes to one unallocated cluster send one request to the metadata thread; the others
+    wait behind it on their channel and go (or fail) with it."""
+    bs, ch = store.bs, store.ch
+    blob = bs.open(bs.create(num_clusters=2, thin=True))
+    done = []
+    for i in range(20):
+        blob.write(ch, bytes([i + 1]) * 512, 7 + i, cb=lambda v, e: done.append(e))
+    ch.thread.run_until(lambda: len(done) == 20, timeout=10)
+    assert done == [None] * 20 and blob.allocated_clusters == 1
+    assert store.read(blob, 7, 20) == b"".join(bytes([i + 1]) * 512 for i in range(20))
+    full = bs.open(bs.create(num_clusters=bs.free_clusters))
+    done.clear()
+    for i in range(20):
+        blob.write(ch, b"x" * 1024, 2048 + i * 2, cb=lambda v, e: done.append(e))
+    ch.thread.run_until(lambda: len(done) == 20, timeout=10)
+    assert all(isinstance(e, NoSpace) for e in done)
+    full.close()
+    blob.close()
