@@ -7,6 +7,8 @@
                                 randread at QD 32 on a 64 MiB malloc bdev; see userblk/perf.py)
     userblk setup [reset|status] like SPDK's scripts/setup.sh: hugepages, hugetlbfs, NVMe devices
                                 to vfio-pci/uio_pci_generic and back (see env/setup.py)
+    userblk blob ACTION         a blobstore on a file or a bdev: init, ls, create, rm, snapshot,
+                                clone, dump, check, export, import (see userblk/blob_cli.py)
 """
 import argparse
 import json
@@ -66,6 +68,11 @@ def cmd_perf(args):
     except perf.UsageError as e:
         print(f"userblk perf: error: {e}", file=sys.stderr)
         return 2
+
+
+def cmd_blob(args):
+    from userblk import blob_cli
+    return blob_cli.main(args)
 
 
 def cmd_setup(args):
@@ -192,6 +199,15 @@ def build_parser():
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     perf.add_arguments(pf)
     pf.set_defaults(func=cmd_perf)
+
+    from userblk import blob_cli
+    bl = sub.add_parser("blob", help="a blobstore on a file or a bdev: init, ls, create, rm, "
+                        "snapshot, clone, dump, check, export, import",
+                        description="Blobstore administration on a file (an aio bdev) or on a "
+                        "bdev a JSON config makes.", epilog=blob_cli.EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    blob_cli.add_arguments(bl)
+    bl.set_defaults(func=cmd_blob)
     return p
 
 

@@ -1,0 +1,1 @@
+from tests.blob.helpers import store  # noqa: F401  (the fixture)
