@@ -233,6 +233,11 @@ cdef const char* _fes_name(uint16_t fes) noexcept nogil:
     return b"unknown"
 
 
+cdef void _log_conn_error(const char* msg) noexcept nogil:
+    with gil:
+        log.warning("%s", msg.decode(errors="replace"))
+
+
 cdef void log_digest_error(uint16_t qid, uint16_t cid) noexcept nogil:
     with gil:
         log.error("NVMe/TCP queue %d: data digest mismatch in C2HData for command %d; it "
@@ -715,6 +720,7 @@ cdef class TcpQueuePair(QueuePair):
         return 0
 
     cdef void connect_done(self, const nvme_cqe* cpl) noexcept nogil:
+        self.n_completed -= 1            # (not a command of the queue pair's users)
         if self.conn_state != CONN_FABRICS:
             return                   # the connection went away meanwhile
         if (cpl.status >> 1) & 0x7FF:
@@ -733,9 +739,13 @@ cdef class TcpQueuePair(QueuePair):
         release it."""
         self.err_kind = kind
         self.n_conn_lost += 1
-        if self.assoc != NULL and self.conn_epoch == self.assoc.epoch:
-            self.assoc.lost_epoch = self.conn_epoch
-            self.failed_epoch = self.conn_epoch
+        # an I/O queue tells the controller; the controller watches its admin queue itself (a
+        # failed reconnect attempt of the admin queue must not mark the next association lost)
+        if self.qid != 0:
+            _log_conn_error(self.err_msg)
+            if self.assoc != NULL and self.conn_epoch == self.assoc.epoch:
+                self.assoc.lost_epoch = self.conn_epoch
+                self.failed_epoch = self.conn_epoch
         self.conn_release()
 
     cdef void conn_close(self) noexcept nogil:
@@ -1010,7 +1020,8 @@ cdef class TcpQueuePair(QueuePair):
             self.out_tail.next = tr
         self.out_tail = tr
         self.outstanding += 1
-        self.n_submitted += 1
+        if req != self.connect_req:
+            self.n_submitted += 1
         self.tx_push(t)
         return 0
 
