@@ -67,12 +67,14 @@ class NvmetTarget:
         _write(f"{ns}/device_path", self.device)
         _write(f"{ns}/enable", 1)
         os.makedirs(self.port, exist_ok=True)
-        _write(f"{self.port}/addr_trtype", "tcp")
-        _write(f"{self.port}/addr_adrfam", self.adrfam)
-        _write(f"{self.port}/addr_traddr", self.traddr)
-        _write(f"{self.port}/addr_trsvcid", self.trsvcid)
-        if self.inline_data_size is not None:
-            _write(f"{self.port}/param_inline_data_size", self.inline_data_size)
+        if not os.listdir(f"{self.port}/subsystems"):
+            # (a port serving a subsystem already is enabled: its address cannot change)
+            _write(f"{self.port}/addr_trtype", "tcp")
+            _write(f"{self.port}/addr_adrfam", self.adrfam)
+            _write(f"{self.port}/addr_traddr", self.traddr)
+            _write(f"{self.port}/addr_trsvcid", self.trsvcid)
+            if self.inline_data_size is not None:
+                _write(f"{self.port}/param_inline_data_size", self.inline_data_size)
         self.link_port()
         return self
 
@@ -88,12 +90,16 @@ class NvmetTarget:
             os.unlink(self.link)
 
     def teardown(self):
+        """Remove the subsystem, and the port unless another subsystem still uses it."""
         self.unlink_port()
-        for path in (self.port, f"{self.subsys}/namespaces/1", self.subsys):
-            if os.path.isdir(path):
-                if path.endswith("/namespaces/1"):
-                    _write(f"{path}/enable", 0)
-                os.rmdir(path)
+        if os.path.isdir(self.port) and not os.listdir(f"{self.port}/subsystems"):
+            os.rmdir(self.port)
+        ns = f"{self.subsys}/namespaces/1"
+        if os.path.isdir(ns):
+            _write(f"{ns}/enable", 0)
+            os.rmdir(ns)
+        if os.path.isdir(self.subsys):
+            os.rmdir(self.subsys)
 
     @property
     def trid(self):
