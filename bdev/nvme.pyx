@@ -843,11 +843,8 @@ def attach_controller(name, trid=None, *, options=None, driver="auto", trtype=No
 
 
 def _is_tcp(trid, trtype):
-    if trtype is not None:
-        return str(trtype).upper() == "TCP"
-    if isinstance(trid, str):
-        return any(t.lower() == "trtype:tcp" for t in trid.split())
-    return type(trid).__name__ == "TransportId"
+    import nvme
+    return str(trtype).upper() == "TCP" if trtype is not None else nvme.is_tcp(trid)
 
 
 def _tcp_params(ctrlr):

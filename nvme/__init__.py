@@ -8,8 +8,8 @@
     ctrlr.detach()                               # clean shutdown; the kernel driver gets it back
 
 `connect("trtype:TCP adrfam:IPv4 traddr:10.0.0.2 trsvcid:4420 subnqn:nqn...")` reaches a
-controller over NVMe/TCP instead (`nvme.fabrics`); `attach` accepts such a transport ID too, and
-`nvme.discovery.discover(...)` reads a discovery controller's log page.
+controller over NVMe/TCP instead (`nvme.fabrics`; `is_tcp(trid)` tells the two kinds of transport
+ID apart), and `nvme.discovery.discover(...)` reads a discovery controller's log page.
 
 `attach` takes the PCI function from the kernel (vfio-pci with an IOMMU, or uio_pci_generic),
 brings the controller up and returns an `nvme.controller.Controller`. `probe()` lists the NVMe
@@ -26,8 +26,6 @@ def probe(root="/sys"):
 def attach(trid, options=None, *, driver="auto", name=None):
     """Take the NVMe controller at `trid` (a PCI address or an SPDK transport id string) from its
     kernel driver and bring it up. `driver`: "auto", "vfio" or "uio"."""
-    if _is_tcp(trid):
-        return connect(trid, options, name=name)
     from env.device import attach_pci
     from env.pci import PciAddress, parse_trid
     from nvme.controller import Controller
@@ -43,7 +41,8 @@ def attach(trid, options=None, *, driver="auto", name=None):
         raise
 
 
-def _is_tcp(trid):
+def is_tcp(trid):
+    """Is `trid` an NVMe/TCP transport ID (a string with trtype:TCP, a dict, a TransportId)?"""
     if not isinstance(trid, str):
         return type(trid).__name__ == "TransportId" or (isinstance(trid, dict)
                                                         and str(trid.get("trtype")).upper() == "TCP")

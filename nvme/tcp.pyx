@@ -43,6 +43,7 @@ from posix.uio cimport iovec, readv
 from posix.unistd cimport close
 
 from env.crc32c cimport crc32c_update
+from env.mmio cimport rmb, wmb
 from env.ticks cimport now_ns
 from nvme.qpair cimport (QP_DESTROYED, QP_DISCONNECTED, QP_DISCONNECTING, QP_ENABLED, QueuePair,
                          nvme_cb, nvme_request, nvme_tracker)
@@ -343,6 +344,7 @@ cdef class TcpAssociation:
         """The admin queue is connected (controller `cntlid`): I/O queue pairs may connect."""
         self.a.cntlid = cntlid
         self.a.fail_io = 0
+        wmb()                   # the CNTLID is there before a queue pair sees the epoch ready
         self.a.ready_epoch = self.a.epoch
 
     def kill(self):
@@ -868,6 +870,7 @@ cdef class TcpQueuePair(QueuePair):
             self.fail_queued(SCT_PATH, SC_HOST_PATHING_ERROR)
         if (self.auto_reconnect and self.conn_state == CONN_DOWN and not a.dead
                 and a.ready_epoch == a.epoch and self.failed_epoch != a.epoch):
+            rmb()               # (make_ready's CNTLID)
             self.conn_start()
 
     # ---- the QueuePair overrides ---------------------------------------------------------------
@@ -908,9 +911,6 @@ cdef class TcpQueuePair(QueuePair):
             self.drain_disconnected()
             if self.state != QP_ENABLED:
                 return -ENXIO
-        rc = self.build_data_pointer(req, &self.scratch)
-        if rc != 0:
-            return rc
         if self.timeout_ns:
             req.submit_ns = now_ns()
         tr = self.free_trackers
@@ -924,7 +924,11 @@ cdef class TcpQueuePair(QueuePair):
             if not self.in_completions:
                 self.ring_sq()
             return 0
-        # no CID free, or the connection is not up: wait in order
+        # no CID free, or the connection is not up: wait in order (refused now if it cannot
+        # be described, as it would be with a CID free)
+        rc = self.build_data_pointer(req, &self.scratch)
+        if rc != 0:
+            return rc
         req.next = NULL
         if self.queued_tail == NULL:
             self.queued_head = req

@@ -40,6 +40,8 @@ def _open_controller(trid):
             from env.errors import PciError
             raise PciError("no NVMe PCI function on this machine (see `userblk env`)")
         trid = str(devices[0].address)
+    if nvme.is_tcp(trid):
+        return nvme.connect(trid)
     return nvme.attach(trid)
 
 
