@@ -240,4 +240,3 @@ class NoResources(NvmeError):
 class DataFormatError(NvmeError):
     """Data returned by the controller is malformed (a namespace descriptor with a wrong length,
     a log page shorter than its header says...)."""
-
