@@ -399,10 +399,9 @@ cdef class NvmeController(IoDevice):
 
     def config_json(self):
         """bdev_nvme_attach_controller's entry that attaches this controller again."""
-        from nvme.controller import ControllerOptions
         params = {"name": self.name, "trtype": self.trid["trtype"],
                   "traddr": self.trid["traddr"]}
-        opts, default = self.ctrlr.options, ControllerOptions()
+        opts, default = self.ctrlr.options, type(self.ctrlr.options)()
         if self.trid["trtype"] == "TCP":
             params.update(_tcp_params(self.ctrlr))
         for key in ("num_io_queues", "io_queue_size", "io_queue_requests"):

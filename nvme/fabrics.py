@@ -133,6 +133,9 @@ class TransportId:
 class FabricsOptions(ControllerOptions):
     """ControllerOptions plus what NVMe/TCP adds (names as SPDK's bdev_nvme_attach_controller
     and spdk_nvme_ctrlr_opts)."""
+    # entries per I/O queue: 128 like the kernel's nvme-tcp (the target keeps twice as many
+    # command contexts per queue; requests beyond wait in the queue pair's software queue)
+    io_queue_size: int = 128
     hostnqn: str | None = None             # default: nqn.2014-08.org.nvmexpress:uuid:<HOSTID>
     hostid: uuid.UUID | None = None        # default: HOSTID (this process)
     hdgst: bool = False                    # ask for header digests
@@ -152,6 +155,9 @@ class FabricsOptions(ControllerOptions):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise InvalidArgument(f"{key} must be an integer, not {v!r}")
+        q = self.io_queue_size
+        if isinstance(q, bool) or not isinstance(q, int) or not 2 <= q <= 65536:
+            raise InvalidArgument(f"io_queue_size must be an int from 2 to 65536, not {q!r}")
         for key in ("hdgst", "ddgst", "sq_flow_control"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidArgument(f"{key} must be true or false, not {getattr(self, key)!r}")
