@@ -808,7 +808,8 @@ def attach_controller(name, trid=None, *, options=None, driver="auto", trtype=No
         from nvme.fabrics import FabricsOptions, TransportId
         fields = dict(adrfam=adrfam, trsvcid=trsvcid, subnqn=subnqn)
         if trid is not None:
-            if trtype is not None or traddr is not None or any(v is not None for v in fields.values()):
+            if (trtype is not None or traddr is not None
+                    or any(v is not None for v in fields.values())):
                 raise InvalidArgument("give a transport ID string or its fields (trtype, traddr, "
                                       "adrfam, trsvcid, subnqn), not both")
             tid = TransportId.coerce(trid)

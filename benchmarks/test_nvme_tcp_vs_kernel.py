@@ -13,9 +13,10 @@ packet steering): the target's work runs where the kernel puts it for both initi
 Cases (the issue's): 4 KiB random read at QD 32 (IOPS, higher is better), 4 KiB random read at
 QD 1 (mean latency, lower is better), 128 KiB sequential read at QD 8 (throughput). TCG on a shared
 host drifts a lot, so each case alternates ours and the kernel's for ROUNDS rounds and compares
-the medians of the per-round ratios. Last, the TCP bdev and the local PCIe bdev on the guest's NVMe namespace (QEMU's
-controller, null-co), measured one after the other (the kernel's target needs the device that
-the PCIe bdev takes). `results/nvme_tcp_vs_kernel.json` keeps every figure and ratio.
+the medians of the per-round ratios. Last, the TCP bdev and the local PCIe bdev on the guest's
+NVMe namespace (QEMU's controller, null-co), measured one after the other (the kernel's target
+needs the device that the PCIe bdev takes). `results/nvme_tcp_vs_kernel.json` keeps every
+figure and ratio.
 """
 import json
 import os

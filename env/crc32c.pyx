@@ -35,7 +35,7 @@ cdef extern from *:
         for (uint32_t i = 0; i < 256; i++)
             for (int t = 1; t < 8; t++)
                 ublk_crc32c_table[t][i] = (ublk_crc32c_table[t - 1][i] >> 8)
-                                          ^ ublk_crc32c_table[0][ublk_crc32c_table[t - 1][i] & 0xFF];
+                    ^ ublk_crc32c_table[0][ublk_crc32c_table[t - 1][i] & 0xFF];
     }
 
     /* Slicing-by-8: eight table lookups per 8 bytes (little-endian loads). */

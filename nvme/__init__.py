@@ -43,9 +43,10 @@ def attach(trid, options=None, *, driver="auto", name=None):
 
 def is_tcp(trid):
     """Is `trid` an NVMe/TCP transport ID (a string with trtype:TCP, a dict, a TransportId)?"""
+    if isinstance(trid, dict):
+        return str(trid.get("trtype")).upper() == "TCP"
     if not isinstance(trid, str):
-        return type(trid).__name__ == "TransportId" or (isinstance(trid, dict)
-                                                        and str(trid.get("trtype")).upper() == "TCP")
+        return type(trid).__name__ == "TransportId"
     return any(t.lower() == "trtype:tcp" for t in trid.split())
 
 

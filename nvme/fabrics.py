@@ -247,7 +247,7 @@ class TcpController(Controller):
         self._ka_sent = 0.0
         self._last_keep_alive = 0.0
 
-    # ---- connection of the admin queue ------------------------------------------------------------
+    # ---- connection of the admin queue -----------------------------------------------------------
     def _admin_qpair(self):
         from nvme.tcp import TcpQueuePair
         o = self.options
@@ -303,7 +303,7 @@ class TcpController(Controller):
         self._last_keep_alive = time.monotonic()
         self.assoc.make_ready(self.cntlid)
 
-    # ---- properties (registers) --------------------------------------------------------------------
+    # ---- properties (registers) ------------------------------------------------------------------
     def get_property(self, offset, size=4):
         """Property Get (Fabrics): a controller register's value."""
         cpl = self.admin(OP_FABRICS, nsid=FCTYPE_PROPERTY_GET, cdw10=0 if size == 4 else 1,
@@ -316,7 +316,7 @@ class TcpController(Controller):
         self.admin(OP_FABRICS, nsid=FCTYPE_PROPERTY_SET, cdw10=0 if size == 4 else 1,
                    cdw11=offset, cdw12=value & 0xFFFFFFFF, cdw13=(value >> 32) & 0xFFFFFFFF)
 
-    # ---- admin commands ----------------------------------------------------------------------------
+    # ---- admin commands --------------------------------------------------------------------------
     def admin(self, opc, *, nsid=0, buf=None, length=None, prp=None, cdw10=0, cdw11=0, cdw12=0,
               cdw13=0, cdw14=0, cdw15=0, timeout_s=None, check=True):
         """Run one admin command to completion (see Controller.admin). A lost connection
@@ -329,9 +329,9 @@ class TcpController(Controller):
         with self.admin_lock:
             aq = self.admin_qpair
             if aq is None or not aq.live:
+                why = f": {self.loss_reason}" if self.loss_reason else ""
                 raise TransportError(f"{self.name}: the admin queue is not connected "
-                                     f"({self.state}{': ' + self.loss_reason if self.loss_reason else ''})",
-                                     kind="socket")
+                                     f"({self.state}{why})", kind="socket")
             aq.submit_raw(opc, nsid=nsid, buf=buf, length=length, cdw10=cdw10, cdw11=cdw11,
                           cdw12=cdw12, cdw13=cdw13, cdw14=cdw14, cdw15=cdw15, cb=done.append)
             deadline = time.monotonic() + limit
@@ -354,7 +354,7 @@ class TcpController(Controller):
         log.error("%s: admin command 0x%02x timed out", self.name, opc)
         self._begin_recovery(f"admin command 0x{opc:02x} timed out")
 
-    # ---- Keep Alive, events, recovery ---------------------------------------------------------------
+    # ---- Keep Alive, events, recovery ------------------------------------------------------------
     def poll_admin(self):
         """Reap admin completions, send Keep Alive every KATO/2, notice a lost association and
         reconnect (see the module's description). Call it at least every KATO/2 (the bdev module
@@ -487,14 +487,15 @@ class TcpController(Controller):
             if self.state != "ready":
                 if self.state == "reconnecting":
                     self.fail(f"reset: not reconnected within {limit:.0f} s")
-                raise ControllerError(f"{self.name}: reset failed: {self.loss_reason or self.state}")
+                raise ControllerError(f"{self.name}: reset failed: "
+                                      f"{self.loss_reason or self.state}")
             return True
 
     def fail(self, reason):
         self.assoc.kill()
         Controller.fail(self, reason)
 
-    # ---- I/O queue pairs ---------------------------------------------------------------------------
+    # ---- I/O queue pairs -------------------------------------------------------------------------
     def create_io_qpair(self, size=None, *, requests=None, sgl=None):
         """A new I/O queue pair owned by the calling thread, on its own TCP connection."""
         from nvme.tcp import TcpQueuePair
@@ -557,7 +558,7 @@ class TcpController(Controller):
         qp.set_disconnect_handler(None)
         qp.destroy()
 
-    # ---- detach --------------------------------------------------------------------------------------
+    # ---- detach ----------------------------------------------------------------------------------
     def detach(self, *, shutdown=True, restore_driver=True):
         """Close every I/O queue pair (commands in flight complete with ABORTED - SQ DELETION),
         shut the controller down (CC.SHN through Property Set) and close the admin queue."""

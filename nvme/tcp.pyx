@@ -135,7 +135,7 @@ FES_NAMES = {FES_INVALID_HEADER: "Invalid PDU Header Field", FES_PDU_SEQUENCE: "
              FES_UNSUPPORTED_PARAM: "Unsupported Parameter"}
 
 
-# ---- little helpers (C) ---------------------------------------------------------------------------
+# ---- little helpers (C) --------------------------------------------------------------------------
 cdef inline uint32_t _round_up(uint32_t n, uint32_t align) noexcept nogil:
     if align <= 1:
         return n
@@ -143,7 +143,8 @@ cdef inline uint32_t _round_up(uint32_t n, uint32_t align) noexcept nogil:
 
 
 cdef inline uint32_t _le32(const uint8_t* p) noexcept nogil:
-    return <uint32_t> p[0] | (<uint32_t> p[1] << 8) | (<uint32_t> p[2] << 16) | (<uint32_t> p[3] << 24)
+    return (<uint32_t> p[0] | (<uint32_t> p[1] << 8) | (<uint32_t> p[2] << 16)
+            | (<uint32_t> p[3] << 24))
 
 
 cdef inline void _put_le32(uint8_t* p, uint32_t v) noexcept nogil:
@@ -255,7 +256,8 @@ cdef void _connect_cb(void* arg, const nvme_cqe* cpl) noexcept nogil:
 # ---- the transport object ----------------------------------------------------------------------
 cdef class TcpTransport(Transport):
     """The Transport of an NVMe/TCP controller: no registers; `read32`/`write32` & co. are the
-    controller's Property Get/Set (Fabrics), so the generic bring-up code reads CSTS the same way."""
+    controller's Property Get/Set (Fabrics), so the generic bring-up code reads CSTS the same
+    way."""
 
     def __init__(self, name):
         self.name = name
@@ -379,7 +381,10 @@ def sockaddr_of(traddr, trsvcid, adrfam="IPv4"):
             raw = socket.inet_pton(socket.AF_INET6, addr)
         except OSError:
             raise InvalidArgument(f"traddr {traddr!r} is not an IPv6 address") from None
-        scope_id = socket.if_nametoindex(scope) if scope and not scope.isdigit() else int(scope or 0)
+        if scope and not scope.isdigit():
+            scope_id = socket.if_nametoindex(scope)
+        else:
+            scope_id = int(scope or 0)
         sa = (socket.AF_INET6.to_bytes(2, "little") + port.to_bytes(2, "big") + bytes(4) + raw
               + scope_id.to_bytes(4, "little"))
         return socket.AF_INET6, sa, f"[{traddr}]:{port}"
@@ -577,7 +582,7 @@ cdef class TcpQueuePair(QueuePair):
                 f"entries={self.size_entries()} outstanding={self.outstanding} "
                 f"queued={self.queued}>")
 
-    # ---- life cycle overrides ----------------------------------------------------------------------
+    # ---- life cycle overrides --------------------------------------------------------------------
     def disconnect(self):
         if self.on_owner():
             with nogil:
@@ -1072,7 +1077,7 @@ cdef class TcpQueuePair(QueuePair):
             sched_yield()
         return n if n > 0 else 0
 
-    # ---- sending -----------------------------------------------------------------------------------
+    # ---- sending ---------------------------------------------------------------------------------
     cdef void tx_push(self, tcp_tx* t) noexcept nogil:
         t.sent = 0
         t.next = NULL

@@ -16,9 +16,9 @@ import pytest
 import bdev
 from bdev import config
 from bdev import nvme as bdev_nvme
-from env.thread import current_thread
 from tests.bdev.helpers import Completions, poll_until, two_threads_write_read
-from tests.bdev.test_nvme_bdev import Open, _collect_garbage_at_safe_points, dma, pattern  # noqa: F401
+from tests.bdev.test_nvme_bdev import (Open, _collect_garbage_at_safe_points,  # noqa: F401
+                                       pattern)
 from tests.nvme.kernel_side import GUEST_REASON, IN_GUEST
 from tests.nvme.nvmet import NvmetTarget
 

@@ -48,7 +48,7 @@ def test_bad_transport_ids_say_what_is_wrong(text, words):
         TransportId.parse(text)
 
 
-# ---- reconnect knobs: SPDK's rules ----------------------------------------------------------------
+# ---- reconnect knobs: SPDK's rules ---------------------------------------------------------------
 @pytest.mark.parametrize("loss,delay,fast", [(0, 0, 0), (-1, 1, 0), (-1, 2, 5), (10, 1, 0),
                                              (10, 2, 5), (10, 10, 10)])
 def test_valid_reconnect_knobs(loss, delay, fast):
@@ -151,7 +151,7 @@ def test_a_short_discovery_log_page_is_refused():
         DiscoveryLog.parse(bytes(100))
 
 
-# ---- the queue pair's own checks -------------------------------------------------------------------
+# ---- the queue pair's own checks -----------------------------------------------------------------
 def test_tcp_queue_pair_argument_checks():
     from nvme.tcp import TcpQueuePair, TcpTransport
     qp = TcpQueuePair(TcpTransport("t"), 1, 8, cq_batch=0)

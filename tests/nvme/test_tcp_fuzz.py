@@ -209,7 +209,8 @@ def pdus(draw):
     """A PDU whose header fields are drawn around the valid ones (and sometimes anywhere)."""
     t = draw(PDU_TYPES)
     hlen = draw(st.sampled_from([24, 128, 0, 8, 23, 25, 255]))
-    datal = draw(st.sampled_from([0, 512, 4096, 8192, 8704, 0xFFFFFFFF]) | st.integers(0, (1 << 32) - 1))
+    datal = draw(st.sampled_from([0, 512, 4096, 8192, 8704, 0xFFFFFFFF])
+                 | st.integers(0, (1 << 32) - 1))
     datao = draw(st.sampled_from([0, 4096, 8191, 0xFFFFFFF0]) | st.integers(0, (1 << 32) - 1))
     pdo = draw(st.sampled_from([0, 24, 28, 32, 255]) | st.integers(0, 255))
     flags = draw(st.integers(0, 255))

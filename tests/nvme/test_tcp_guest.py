@@ -335,7 +335,7 @@ def test_digests_on(target, kernel):
         c.detach()
 
 
-# ---- failures that are ours to report -------------------------------------------------------------
+# ---- failures that are ours to report ------------------------------------------------------------
 def test_refused_connection_says_why(target):
     import nvme
     from nvme.errors import TransportError
