@@ -27,9 +27,11 @@ Methods that create bdevs (parameters as in SPDK's RPC documentation):
 - `bdev_uring_create`: name, filename, block_size, uuid: the aio module with engine="uring".
 - `bdev_nvme_attach_controller`: name, trtype, traddr, adrfam, trsvcid, subnqn, priority (the
   transport ID, passed to `bdev.nvme.attach_controller` as an SPDK transport ID string), and the
-  controller options that module accepts (num_io_queues; the userblk extensions io_queue_size,
-  io_queue_requests). Creates one bdev per namespace, `<name>n<nsid>`. trtype "emulated" (a
-  userblk extension) names an in-process nvme.emu controller attached before.
+  controller options that module accepts (num_io_queues; for trtype TCP hostnqn, hdgst, ddgst,
+  ctrlr_loss_timeout_sec, reconnect_delay_sec, fast_io_fail_timeout_sec,
+  fabrics_connect_timeout_us; the userblk extensions io_queue_size, io_queue_requests). Creates
+  one bdev per namespace, `<name>n<nsid>`. trtype "emulated" (a userblk extension) names an
+  in-process nvme.emu controller attached before.
 
 Parameters SPDK writes but a module here does not implement (e.g. `md_size`, `dif_type` of a
 malloc bdev, `prchk_reftag` of an NVMe controller) are accepted when they hold SPDK's default,

@@ -233,6 +233,7 @@ cdef class NvmeController(IoDevice):
         if oncs & ONCS_COMPARE:
             io_types.append("compare")
         max_bytes = min(c.max_transfer, MAX_PRP_TRANSFER)
+        tcp = self.trid["trtype"] == "TCP"         # any memory, any alignment: the kernel copies
         for nsid, ns in sorted(c.namespaces.items()):
             if ns.metadata_size:
                 log.warning("%s: namespace %d is formatted with %d bytes of metadata per block; "
@@ -244,7 +245,8 @@ cdef class NvmeController(IoDevice):
                          module="nvme", io_types=io_types, uuid=self._namespace_uuid(ns),
                          ctx_size=sizeof(nvme_io_ctx),
                          max_transfer_blocks=min(max_bytes >> ns.lba_shift, MAX_NLB),
-                         required_alignment=4, dma_required=True, product_name="NVMe disk",
+                         required_alignment=1 if tcp else 4, dma_required=not tcp,
+                         product_name="NVMe disk",
                          optimal_io_boundary=noiob, split_on_optimal_io_boundary=bool(noiob))
             b._bind(self, ns)
             b.register()
@@ -409,10 +411,11 @@ cdef class NvmeController(IoDevice):
 
     def config_json(self):
         """bdev_nvme_attach_controller's entry that attaches this controller again."""
-        from nvme.controller import ControllerOptions
         params = {"name": self.name, "trtype": self.trid["trtype"],
                   "traddr": self.trid["traddr"]}
-        opts, default = self.ctrlr.options, ControllerOptions()
+        opts, default = self.ctrlr.options, type(self.ctrlr.options)()
+        if self.trid["trtype"] == "TCP":
+            params.update(_tcp_params(self.ctrlr))
         for key in ("num_io_queues", "io_queue_size", "io_queue_requests"):
             if getattr(opts, key) != getattr(default, key):
                 params[key] = getattr(opts, key)
@@ -795,16 +798,53 @@ def _register(name, ctrlr, trid, admin_poll_period_us, emulator=None):
 
 
 def attach_controller(name, trid=None, *, options=None, driver="auto", trtype=None,
-                      traddr=None, io_queue_size=None, io_queue_requests=None,
-                      num_io_queues=None, admin_poll_period_us=ADMIN_POLL_PERIOD_US):
+                      traddr=None, adrfam=None, trsvcid=None, subnqn=None, hostnqn=None,
+                      hdgst=None, ddgst=None, ctrlr_loss_timeout_sec=None,
+                      reconnect_delay_sec=None, fast_io_fail_timeout_sec=None,
+                      fabrics_connect_timeout_us=None, io_queue_size=None,
+                      io_queue_requests=None, num_io_queues=None,
+                      admin_poll_period_us=ADMIN_POLL_PERIOD_US):
     """Attach the NVMe controller at `trid` ("trtype:PCIe traddr:0000:00:10.0", or a bare PCI
-    address, or trtype=/traddr=) as `name` and register a bdev `<name>n<nsid>` per active
-    namespace; returns their names (SPDK's bdev_nvme_attach_controller). `options`: an
-    nvme.controller.ControllerOptions or a dict of its fields; io_queue_size, io_queue_requests
-    and num_io_queues override them. `driver`: "auto", "vfio" or "uio". The calling thread runs
-    the controller's admin poller: keep polling it. trtype "emulated" names an nvme.emu
+    address, or trtype=/traddr=; for NVMe/TCP "trtype:TCP adrfam:IPv4 traddr:10.0.0.2
+    trsvcid:4420 subnqn:nqn..." or trtype="TCP" with traddr, adrfam, trsvcid, subnqn) as `name`
+    and register a bdev `<name>n<nsid>` per active namespace; returns their names (SPDK's
+    bdev_nvme_attach_controller). `options`: an nvme.controller.ControllerOptions (or
+    nvme.fabrics.FabricsOptions) or a dict of its fields; the keyword arguments override them.
+    NVMe/TCP takes SPDK's hostnqn, hdgst, ddgst, ctrlr_loss_timeout_sec, reconnect_delay_sec,
+    fast_io_fail_timeout_sec and fabrics_connect_timeout_us (see nvme.fabrics). `driver`
+    (PCIe): "auto", "vfio" or "uio". The calling thread runs the controller's admin poller
+    (Keep Alive and reconnects over TCP): keep polling it. trtype "emulated" names an nvme.emu
     controller attached before with attach_emulated (the JSON config of such a controller)."""
     _check_name(name)
+    fabrics = dict(hostnqn=hostnqn, hdgst=hdgst, ddgst=ddgst,
+                   ctrlr_loss_timeout_sec=ctrlr_loss_timeout_sec,
+                   reconnect_delay_sec=reconnect_delay_sec,
+                   fast_io_fail_timeout_sec=fast_io_fail_timeout_sec,
+                   fabrics_connect_timeout_us=fabrics_connect_timeout_us)
+    if _is_tcp(trid, trtype):
+        from nvme.fabrics import FabricsOptions, TransportId
+        fields = dict(adrfam=adrfam, trsvcid=trsvcid, subnqn=subnqn)
+        if trid is not None:
+            if (trtype is not None or traddr is not None
+                    or any(v is not None for v in fields.values())):
+                raise InvalidArgument("give a transport ID string or its fields (trtype, traddr, "
+                                      "adrfam, trsvcid, subnqn), not both")
+            tid = TransportId.coerce(trid)
+        else:
+            tid = TransportId.from_fields(trtype=trtype, traddr=traddr, **fields)
+        opts = _options(FabricsOptions.coerce(options), io_queue_size, io_queue_requests,
+                        num_io_queues)
+        for key, value in fabrics.items():
+            if value is not None:
+                setattr(opts, key, value)
+        import nvme
+        ctrlr = nvme.connect(tid, opts, name=name)
+        return _register(name, ctrlr, tid.to_dict(), admin_poll_period_us)
+    given = sorted(k for k, v in dict(fabrics, adrfam=adrfam, trsvcid=trsvcid,
+                                      subnqn=subnqn).items() if v not in (None, False, 0, ""))
+    if given:
+        raise InvalidArgument(f"{', '.join(given)}: NVMe over Fabrics parameters, and this "
+                              "controller is not NVMe/TCP")
     trtype, traddr = _parse_trid(trid, trtype, traddr)
     opts = _options(options, io_queue_size, io_queue_requests, num_io_queues)
     if trtype == TRTYPE_EMULATED:
@@ -817,6 +857,21 @@ def attach_controller(name, trid=None, *, options=None, driver="auto", trtype=No
     import nvme
     ctrlr = nvme.attach(traddr, opts, driver=driver, name=name)
     return _register(name, ctrlr, {"trtype": trtype, "traddr": traddr}, admin_poll_period_us)
+
+
+def _is_tcp(trid, trtype):
+    import nvme
+    return str(trtype).upper() == "TCP" if trtype is not None else nvme.is_tcp(trid)
+
+
+def _tcp_params(ctrlr):
+    """bdev_nvme_attach_controller's NVMe/TCP parameters of a TcpController, as SPDK saves them."""
+    o = ctrlr.options
+    return {"adrfam": ctrlr.trid.adrfam, "trsvcid": ctrlr.trid.trsvcid,
+            "subnqn": ctrlr.trid.subnqn, "hostnqn": ctrlr.hostnqn, "hdgst": o.hdgst,
+            "ddgst": o.ddgst, "ctrlr_loss_timeout_sec": o.ctrlr_loss_timeout_sec,
+            "reconnect_delay_sec": o.reconnect_delay_sec,
+            "fast_io_fail_timeout_sec": o.fast_io_fail_timeout_sec}
 
 
 def attach_emulated(name, emu, *, options=None, io_queue_size=None, io_queue_requests=None,
@@ -843,6 +898,8 @@ def attach_emulated(name, emu, *, options=None, io_queue_size=None, io_queue_req
         handle = getattr(ctrlr.transport, "handle", None)
         trid = ({"trtype": "PCIe", "traddr": str(handle.address)} if handle is not None
                 else {"trtype": TRTYPE_EMULATED, "traddr": ctrlr.transport.name})
+        if getattr(ctrlr, "trid", None) is not None:       # an nvme.fabrics.TcpController
+            trid = ctrlr.trid.to_dict()
         return _register(name, ctrlr, trid, admin_poll_period_us)
     if not isinstance(emu, EmulatedController):
         raise InvalidArgument(f"expected an nvme.emu.EmulatedController or an "

@@ -7,6 +7,10 @@
     ns.read_sync(qpair, buf, lba=0, nblocks=8)   # or ns.read(..., cb) + qpair.process_completions()
     ctrlr.detach()                               # clean shutdown; the kernel driver gets it back
 
+`connect("trtype:TCP adrfam:IPv4 traddr:10.0.0.2 trsvcid:4420 subnqn:nqn...")` reaches a
+controller over NVMe/TCP instead (`nvme.fabrics`; `is_tcp(trid)` tells the two kinds of transport
+ID apart), and `nvme.discovery.discover(...)` reads a discovery controller's log page.
+
 `attach` takes the PCI function from the kernel (vfio-pci with an IOMMU, or uio_pci_generic),
 brings the controller up and returns an `nvme.controller.Controller`. `probe()` lists the NVMe
 functions of this machine. An in-process emulated controller for tests lives in `nvme.emu`.
@@ -38,3 +42,20 @@ def attach(trid, options=None, *, driver="auto", name=None):
     except BaseException:
         handle.detach(restore_driver=True)
         raise
+
+
+def is_tcp(trid):
+    """Is `trid` an NVMe/TCP transport ID (a string with trtype:TCP, a dict, a TransportId)?"""
+    if isinstance(trid, dict):
+        return str(trid.get("trtype")).upper() == "TCP"
+    if not isinstance(trid, str):
+        return type(trid).__name__ == "TransportId"
+    return any(t.lower() == "trtype:tcp" for t in trid.split())
+
+
+def connect(trid, options=None, *, name=None):
+    """Connect to an NVMe/TCP controller (`trid`: "trtype:TCP adrfam:IPv4 traddr:... trsvcid:4420
+    subnqn:...", a dict or an nvme.fabrics.TransportId) and bring it up: an
+    nvme.fabrics.TcpController. `options`: nvme.fabrics.FabricsOptions or a dict of its fields."""
+    from nvme.fabrics import connect as _connect
+    return _connect(trid, options, name=name)

@@ -207,6 +207,17 @@ class ControllerRemoved(ControllerDetached):
         super().__init__(message, controller)
 
 
+class TransportError(ControllerError):
+    """An NVMe over Fabrics connection failed or was refused: the socket (connect, send,
+    receive, closed by the peer), the target's PDUs (malformed, a bad digest, a C2HTermReq), a
+    timeout, or a Fabrics Connect the target rejected. `kind` says which: "socket", "protocol",
+    "digest", "terminated", "timeout", "rejected" or "closed"."""
+
+    def __init__(self, message, controller=None, kind=None):
+        super().__init__(message, controller)
+        self.kind = kind
+
+
 class QueueFull(NvmeError):
     """A submission queue has no free slot and the caller asked not to queue the request.
     `qid` and `depth` say which queue and how deep it is."""

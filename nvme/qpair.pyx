@@ -270,6 +270,19 @@ cdef class QueuePair:
         self.phase = 1
         self.state = QP_DISCONNECTED
 
+        if transport.regs is None:
+            # A transport without registers (NVMe/TCP, nvme/tcp.pyx) carries the commands
+            # itself: trackers and requests only, no rings, doorbells or PRP list pages.
+            self.trackers = <nvme_tracker*> calloc(self.ntrackers, sizeof(nvme_tracker))
+            self.requests = <nvme_request*> calloc(self.nrequests, sizeof(nvme_request))
+            if self.trackers == NULL or self.requests == NULL:
+                raise MemoryError("cannot allocate queue pair bookkeeping")
+            for i in range(self.ntrackers):
+                self.trackers[i].cid = <uint16_t> i
+            self.scratch.cid = 0xFFFF
+            self._reset_lists()
+            return
+
         sq = _memory.allocate(size * sizeof(nvme_sqe), 4096, zero=True)
         cq = _memory.allocate(size * sizeof(nvme_cqe), 4096, zero=True)
         lists = _memory.allocate((self.ntrackers + 1) * PAGE_SIZE, 4096, zero=True)

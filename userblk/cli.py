@@ -2,7 +2,10 @@
 
     userblk env                 what this machine offers (hugepages, IOMMU, vfio/uio, NVMe devices)
     userblk identify [TRID]     Identify Controller/Namespace of an NVMe controller, like
-                                `nvme id-ctrl` + `nvme id-ns` (needs root; `emu` for the emulator)
+                                `nvme id-ctrl` + `nvme id-ns` (needs root; `emu` for the emulator;
+                                an NVMe/TCP transport ID reaches a controller over the network)
+    userblk discover TRID       the discovery log page of an NVMe/TCP discovery controller, like
+                                `nvme discover`
     userblk perf [OPTIONS]      a bdevperf-like workload generator (no options: 3 s of 4 KiB
                                 randread at QD 32 on a 64 MiB malloc bdev; see userblk/perf.py)
     userblk setup [reset|status] like SPDK's scripts/setup.sh: hugepages, hugetlbfs, NVMe devices
@@ -39,6 +42,8 @@ def _open_controller(trid):
             from env.errors import PciError
             raise PciError("no NVMe PCI function on this machine (see `userblk env`)")
         trid = str(devices[0].address)
+    if nvme.is_tcp(trid):
+        return nvme.connect(trid)
     return nvme.attach(trid)
 
 
@@ -58,6 +63,28 @@ def cmd_identify(args):
             print(ctrlr.namespace(n).data.format_text())
     finally:
         ctrlr.detach(restore_driver=not args.keep)
+    return 0
+
+
+def cmd_discover(args):
+    from nvme.discovery import discover
+    from nvme.fabrics import FabricsOptions, TransportId
+    if args.trid and (args.traddr or args.trsvcid or args.adrfam):
+        print("userblk discover: error: give a transport ID or -a/-s/-f, not both",
+              file=sys.stderr)
+        return 2
+    if args.trid:
+        tid = TransportId.parse(args.trid)
+    elif args.traddr:
+        tid = TransportId.from_fields(traddr=args.traddr, trsvcid=args.trsvcid,
+                                      adrfam=args.adrfam)
+    else:
+        print("userblk discover: error: which target? give a transport ID ('trtype:TCP "
+              "adrfam:IPv4 traddr:10.0.0.2 trsvcid:4420') or -a ADDRESS", file=sys.stderr)
+        return 2
+    opts = FabricsOptions(hostnqn=args.hostnqn) if args.hostnqn else None
+    log = discover(tid, opts)
+    print(json.dumps(log.to_dict(), indent=2) if args.json else log.format_text())
     return 0
 
 
@@ -156,13 +183,27 @@ def build_parser():
     i = sub.add_parser("identify", help="Identify Controller and Namespace data of an NVMe "
                        "controller (takes it from the kernel driver for the time of the command)")
     i.add_argument("trid", nargs="?", help="PCI address (0000:00:04.0), SPDK transport id "
-                   "('trtype:PCIe traddr:0000:00:04.0') or 'emu' (in-process emulated "
+                   "('trtype:PCIe traddr:0000:00:04.0', or 'trtype:TCP adrfam:IPv4 traddr:... "
+                   "trsvcid:4420 subnqn:...' for NVMe/TCP) or 'emu' (in-process emulated "
                    "controller); default: the first NVMe function")
     i.add_argument("-n", "--nsid", type=int, help="only this namespace")
     i.add_argument("--json", action="store_true", help="nvme-cli JSON key names")
     i.add_argument("--keep", action="store_true", help="leave the device on vfio-pci/uio "
                    "afterwards instead of giving it back to the kernel driver")
     i.set_defaults(func=cmd_identify)
+
+    d = sub.add_parser("discover", help="the discovery log page of an NVMe/TCP discovery "
+                       "controller (like nvme discover)",
+                       description="Connect to an NVMe/TCP discovery controller, print its "
+                       "discovery log page (the subsystems and ports it knows), disconnect.")
+    d.add_argument("trid", nargs="?", help="'trtype:TCP adrfam:IPv4 traddr:10.0.0.2 "
+                   "trsvcid:4420' (subnqn: the discovery NQN)")
+    d.add_argument("-a", "--traddr", help="the target's address (instead of a transport ID)")
+    d.add_argument("-s", "--trsvcid", help="its port (default 4420)")
+    d.add_argument("-f", "--adrfam", help="IPv4 (default) or IPv6")
+    d.add_argument("-q", "--hostnqn", help="host NQN (default: one made for this process)")
+    d.add_argument("--json", action="store_true", help="nvme-cli's JSON (-o json)")
+    d.set_defaults(func=cmd_discover)
 
     s = sub.add_parser("setup", help="like SPDK's setup.sh: reserve hugepages and bind NVMe "
                        "devices to vfio-pci/uio_pci_generic; `setup reset` gives them back, "

@@ -195,6 +195,7 @@ class _Group:
     files: list = dataclasses.field(default_factory=list)  # the open stdout/stderr logs
     accel: str = ""
     first_unreported: str | None = None
+    peer: GuestRun | None = None      # the second guest of a `peer=` marker
 
     @property
     def reports_dir(self) -> Path:
@@ -206,6 +207,19 @@ class _Group:
 
 
 _GROUP = pytest.StashKey[_Group]()
+MAIN_ADDR, PEER_ADDR = "10.0.2.1", "10.0.2.2"   # a `peer=` marker's two guests
+
+
+def _listening(port: int) -> bool:
+    """Is something on this host listening on TCP 127.0.0.1:port? (/proc/net/tcp: no probe
+    connection)"""
+    want = f"0100007F:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            return any(line.split()[1] == want and line.split()[3] == "0A" for line in f
+                       if line.strip() and not line.lstrip().startswith("sl"))
+    except OSError:
+        return False
 
 
 class HostSide:
@@ -521,6 +535,11 @@ class HostSide:
         if self.config.option.verbose > 0 or stream:
             self._say(f"booting a guest for {group.module} ({group.config.describe()}): "
                       f"{len(group.items)} test(s); logs: {group.logdir}")
+        if group.config.peer:
+            config = self._start_peer(group, config)
+            if group.start_problem:
+                self._close(group)
+                return
         group.run = GuestRun(config, self._guest_argv(group), self.image, stdout=sinks[0],
                              stderr=sinks[1], capture=False)
         group.started_at = time.monotonic()
@@ -532,6 +551,39 @@ class HostSide:
             return
         group.accel = group.run.accel
         self.active = group
+
+    def _start_peer(self, group: _Group, config: GuestConfig) -> GuestConfig:
+        """Boot the `peer=` guest (`python -m PEER`, same shares and devices) listening on a
+        QEMU socket network; returns the module guest's configuration joined to it. The peer
+        gets USERBLK_NET_ADDR=PEER_ADDR/24 and USERBLK_PEER_ADDR=MAIN_ADDR, the module guest the
+        reverse (tests.guest.net.configure() sets the address up)."""
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(config.env)
+        peer_config = config.replace(
+            net=f"listen:{port}", peer="", console_log=str(group.logdir / "peer-console.log"),
+            env={**env, "USERBLK_NET_ADDR": f"{PEER_ADDR}/24", "USERBLK_PEER_ADDR": MAIN_ADDR})
+        out = [open(group.logdir / f"peer-{name}.log", "wb") for name in ("stdout", "stderr")]
+        group.files.extend(out)
+        group.peer = GuestRun(peer_config, [sys.executable, "-m", group.config.peer],
+                              self.image, stdout=out[0], stderr=out[1], capture=False)
+        try:
+            group.peer.start()
+            # QEMU binds the listening socket before it boots the guest; connecting before
+            # that would fail (and a probe connection would take the network's one slot)
+            deadline = time.monotonic() + 60
+            while not _listening(port):
+                if group.peer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the peer guest's QEMU is not listening on {port}")
+                time.sleep(0.05)
+        except Exception as e:
+            group.start_problem = f"peer guest: {type(e).__name__}: {e}"
+            return config
+        return config.replace(net=f"connect:{port}",
+                              env={**env, "USERBLK_NET_ADDR": f"{MAIN_ADDR}/24",
+                                   "USERBLK_PEER_ADDR": PEER_ADDR})
 
     def _collect(self, group: _Group) -> None:
         """The run has ended: keep its result, release QEMU and the log files."""
@@ -555,6 +607,9 @@ class HostSide:
                 group.boot_seconds = group.run.boot_seconds
             group.run.close()
             group.run = None
+        if group.peer is not None:          # it serves the module guest only: stop it now
+            group.peer.close()
+            group.peer = None
         for f in group.files:
             f.close()
         group.files.clear()

@@ -104,6 +104,10 @@ class Share:
         return cls(host, guest if sep else "")
 
 
+#: the MAC address of the NIC of the listening and of the connecting guest (GuestConfig.net)
+NET_MACS = {"listen": "52:54:00:75:62:01", "connect": "52:54:00:75:62:02"}
+
+
 @dataclass(frozen=True)
 class GuestConfig:
     """Everything that decides what a guest looks like. Frozen and hashable: the pytest plugin
@@ -132,6 +136,11 @@ class GuestConfig:
     timeout: float = 900.0               # seconds from QEMU start until the guest is killed
     console_log: str | None = None       # where to write the serial console (else the run dir)
     accel: str = "auto"                  # auto: kvm only with a writable /dev/kvm AND vmx/svm
+    net: str = ""                        # "listen:PORT" / "connect:PORT": a virtio-net NIC on a
+    #                                      QEMU socket network (host 127.0.0.1:PORT) joining
+    #                                      two guests; configure it in the guest (eth0)
+    peer: str = ""                       # the pytest plugin boots a second guest running
+    #                                      `python -m PEER`, on a network with this one
 
     def __post_init__(self):
         def put(name: str, value: Any) -> None:
@@ -182,6 +191,11 @@ class GuestConfig:
                 raise ValueError(f"{name} must be a one-line string")
         if not re.fullmatch(r"\d+[MG]?", self.memory):
             raise ValueError(f"memory must look like 2G or 1536M, not {self.memory!r}")
+        m = re.fullmatch(r"(listen|connect):(\d+)", self.net) if self.net else None
+        if self.net and (m is None or not 0 < int(m.group(2)) < 65536):
+            raise ValueError(f"net must be listen:PORT or connect:PORT, not {self.net!r}")
+        if self.peer and not re.fullmatch(r"[A-Za-z_][\w.]*", self.peer):
+            raise ValueError(f"peer must be a Python module name, not {self.peer!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "GuestConfig":
@@ -499,6 +513,16 @@ class GuestRun:
                 args += ["-device", ns_dev + (f",{c.ns_opts}" if c.ns_opts else "")]
         return args
 
+    def _net_args(self) -> list[str]:
+        """A virtio-net NIC on a QEMU socket network: the listening guest and the connecting
+        one exchange Ethernet frames over host TCP 127.0.0.1:PORT (each its own MAC)."""
+        if not self.config.net:
+            return []
+        role, port = self.config.net.split(":")
+        mac = NET_MACS[role]
+        return ["-netdev", f"socket,id=net0,{role}=127.0.0.1:{port}",
+                "-device", f"virtio-net-pci,netdev=net0,mac={mac}"]
+
     def _kernel_cmdline(self) -> str:
         c = self.config
         parts = [
@@ -542,6 +566,7 @@ class GuestRun:
                 "-drive", f"file={_quote_opt(image.rootfs)},if=virtio,format=raw,snapshot=on,"
                           "cache=unsafe"]
         cmd += self._nvme_args()  # before the auto-addressed devices: fixed slots 0x10+
+        cmd += self._net_args()
         cmd += ["-chardev", f"file,id=console,path={_quote_opt(self.console_path)}",
                 "-serial", "chardev:console",
                 "-device", "virtio-serial-pci,id=vser"]
@@ -770,6 +795,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--nvme-image", metavar="FILE", help="back controller 0 namespace 1 with FILE (kept)")
     a("--iommu", default="on", choices=("on", "off"))
     a("--iommu-aw", type=int, default=48, choices=(39, 48))
+    a("--net", default="", metavar="listen:PORT|connect:PORT",
+      help="a virtio-net NIC on a QEMU socket network through host 127.0.0.1:PORT: start one "
+           "guest with listen:PORT, then one with connect:PORT; they are one Ethernet")
     a("--smp", type=int, default=d.smp)
     a("--memory", default=d.memory)
     a("--hugepages", type=int, default=d.hugepages)
@@ -806,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
             null_latency_ns=args.null_latency_ns, nvme_image=args.nvme_image,
             iommu=args.iommu == "on", iommu_aw=args.iommu_aw, smp=args.smp, memory=args.memory,
             hugepages=args.hugepages, append=args.append, qemu_args=args.qemu_arg,
-            timeout=args.timeout, console_log=args.console, accel=args.accel)
+            timeout=args.timeout, console_log=args.console, accel=args.accel, net=args.net)
         from tests.guest.image import ImageUnavailable, ensure_image
         image = ensure_image(build=not args.no_build)
     except (ValueError, ImageUnavailable) as e:

@@ -109,10 +109,45 @@ def test_config_normalizes_and_hashes():
     ({"accel": "hvf"}, "accel"),
     ({"nvme_ns": -1}, "non-negative"),
     ({"colour": "red"}, "unknown GuestConfig field(s) colour; valid: shares, env"),
+    ({"net": "bridge:br0"}, "net must be listen:PORT or connect:PORT"),
+    ({"net": "listen:70000"}, "net must be listen:PORT or connect:PORT"),
+    ({"peer": "tests/nvme/x.py"}, "peer must be a Python module name"),
 ])
 def test_config_rejects_nonsense_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         GuestConfig.from_kwargs(**kwargs)
+
+
+def test_network_of_two_guests_in_the_qemu_command(tmp_path):
+    from tests.guest.runner import NET_MACS, GuestRun
+
+    class Image:
+        kernel = initrd = rootfs = tmp_path / "x"
+
+    cmds = {}
+    for role in ("listen", "connect"):
+        run = GuestRun(GuestConfig(net=f"{role}:4567", nvme_ctrls=0), ["true"], Image())
+        run.rundir, run.console_path = tmp_path, tmp_path / "console"
+        cmds[role] = run.qemu_command()
+        i = cmds[role].index("-netdev")
+        assert cmds[role][i + 1] == f"socket,id=net0,{role}=127.0.0.1:4567"
+        assert cmds[role][i + 3] == f"virtio-net-pci,netdev=net0,mac={NET_MACS[role]}"
+    assert NET_MACS["listen"] != NET_MACS["connect"]
+    run = GuestRun(GuestConfig(nvme_ctrls=0), ["true"], Image())
+    run.rundir, run.console_path = tmp_path, tmp_path / "console"
+    assert "-netdev" not in run.qemu_command()
+    assert "peer=" in GuestConfig(peer="tests.x").describe()
+
+
+def test_listening_reads_proc_net_tcp():
+    import socket
+    from tests.guest.plugin import _listening
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert not _listening(port)
+        s.listen(1)
+        assert _listening(port)
 
 
 # ---- the image cache ----------------------------------------------------------------------------
