@@ -21,7 +21,7 @@ import attrs
 
 import bdev as _bdev
 from blob.bitmap import Bitmap
-from blob.crc32c import crc32c
+from env.crc32c import crc32c
 from blob.errors import BlobstoreCorrupt
 from blob.layout import PAGE, SUPER_SLOTS, decode_super
 from blob.load import _Pages, choose_super, scan_chunk

@@ -9,7 +9,7 @@ import uuid as _uuid
 
 import attrs
 
-from blob.crc32c import crc32c
+from env.crc32c import crc32c
 from blob.errors import BlobstoreCorrupt
 from env.errors import InvalidArgument
 

@@ -8,7 +8,7 @@ rebuild the bitmaps. Anything that breaks a rule raises BlobstoreCorrupt naming 
 import attrs
 
 from blob.bitmap import Bitmap
-from blob.crc32c import crc32c
+from env.crc32c import crc32c
 from blob.errors import BlobstoreCorrupt
 from blob.layout import PAGE, decode_super
 from blob.mdpage import FLAG_PENDING, FLAG_SNAPSHOT, decode_chain

@@ -8,7 +8,7 @@ import struct
 
 import attrs
 
-from blob.crc32c import crc32c
+from env.crc32c import crc32c
 from blob.errors import BlobstoreCorrupt
 from blob.layout import PAGE
 

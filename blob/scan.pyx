@@ -5,7 +5,7 @@ Everything else about a page is checked in Python (blob.mdpage), for the pages t
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
-from blob.crc32c cimport crc32c_update
+from env.crc32c cimport crc32c
 
 cdef enum:
     PAGE = 4096
@@ -45,7 +45,7 @@ def valid_pages(data, uint64_t first_index, uint64_t tag):
             if not zero:
                 bad += 1
             continue
-        if (crc32c_update(0, p, PAGE - 4) != _u32(p + PAGE - 4) or _u64(p + 8) != tag
+        if (crc32c(p, PAGE - 4, 0) != _u32(p + PAGE - 4) or _u64(p + 8) != tag
                 or _u32(p + 4) != first_index + k):
             bad += 1
             continue

@@ -41,7 +41,7 @@ import uuid as _uuid
 
 from blob import tasks
 from blob.bitmap import Bitmap
-from blob.crc32c import crc32c
+from env.crc32c import crc32c
 from blob.errors import (BlobBusy, BlobError, BlobHasClones, BlobIoError, BlobNotFound,
                          BlobReadOnly, BlobstoreClosed, BlobstoreCorrupt, NoSpace)
 from blob.io import BlobData, BlobstoreDev, submit_py

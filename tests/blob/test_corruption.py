@@ -10,7 +10,7 @@ import bdev
 from bdev import malloc
 from blob import Blobstore, BlobstoreCorrupt
 from blob.check import check
-from blob.crc32c import crc32c
+from env.crc32c import crc32c
 from blob.layout import PAGE, decode_super, encode_super
 from blob.mdpage import HEADER
 from tests.blob.helpers import Store, crash, fresh_name, pattern

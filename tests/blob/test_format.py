@@ -6,7 +6,7 @@ import uuid
 import pytest
 
 from blob.bitmap import Bitmap
-from blob.crc32c import crc32c
+from env.crc32c import crc32c
 from blob.errors import BlobstoreCorrupt
 from blob.layout import PAGE, Geometry, SuperBlock, decode_super, encode_super, store_tag
 from blob.mdpage import (FLAG_PENDING, FLAG_SNAPSHOT, FLAG_THIN, MAX_XATTR_VALUE, NO_NEXT, BlobMd,
